@@ -1,0 +1,43 @@
+# One entry point per job. Each bootstraps .venv when it is missing (idempotent: a stamp
+# file is refreshed only when pyproject.toml changes), then does its job.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+# Flower: keep its state inside the project and never let `flwr run` install dependencies
+# into a fresh environment per run (it would ignore our pins and take minutes).
+export FLWR_HOME := $(CURDIR)/.flwr
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: venv demo test lint typecheck pytest bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/python -m simulations.compare
+
+test: lint typecheck pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	$(BIN)/pytest
+
+bench: venv
+	$(BIN)/python -m simulations.bench
+
+clean:
+	rm -rf $(VENV) .flwr results .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,41 @@
+"""Wire keys, defined once.
+
+Every name that crosses the wire between the server and the clients (record names in a
+message's ``RecordDict``, config keys, metric keys) is a kebab-case constant here. Code on
+both sides imports these; no other module spells a wire key as a string literal.
+"""
+
+from typing import Final
+
+# -- Records inside a message's RecordDict ---------------------------------------------------
+ARRAYS: Final = "arrays"
+"""ArrayRecord: the model payload (encoded on the wire, decoded float32 inside the server)."""
+CONFIG: Final = "config"
+"""ConfigRecord: per-round instructions from the server."""
+METRICS: Final = "metrics"
+"""MetricRecord: a client's reply metrics."""
+GLOBAL_MASK: Final = "global-mask"
+"""ArrayRecord of bool arrays (server-internal, before encoding): the global pruning mask."""
+MASK_VOTE: Final = "mask-vote"
+"""ArrayRecord: a client's proposed mask (bool) or scores (float32) for reconciliation."""
+
+# -- Config keys (server -> client) ----------------------------------------------------------
+SERVER_ROUND: Final = "server-round"
+DENSITY: Final = "density"
+"""Scheduled global density for this round; clients propose masks at this density."""
+VOTE: Final = "vote"
+"""What the client should send as its mask vote: 'none', 'mask' or 'scores'."""
+MASK_VERSION: Final = "mask-version"
+"""Version of the global mask; the payload omits the mask bits when the node already has it."""
+PAYLOAD_KIND: Final = "payload-kind"
+"""'weights' (downlink) or 'delta' (uplink)."""
+
+# -- Metric keys (client -> server, and the server's per-round record) -----------------------
+NUM_EXAMPLES: Final = "num-examples"
+TRAIN_LOSS: Final = "train-loss"
+EPSILON: Final = "epsilon"
+BYTES_UP: Final = "bytes-up"
+BYTES_DOWN: Final = "bytes-down"
+ACCURACY: Final = "accuracy"
+LOSS: Final = "loss"
+NUM_REJECTED: Final = "num-rejected"
