@@ -1,0 +1,1 @@
+"""Client side: the fedprune ClientApp, its training core and a NumPyClient adapter."""

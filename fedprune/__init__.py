@@ -1,0 +1,1 @@
+"""Pure numerics of fedprune: codec, masks, pruning, privacy, data, models (no Flower)."""

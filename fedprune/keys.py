@@ -39,3 +39,19 @@ BYTES_DOWN: Final = "bytes-down"
 ACCURACY: Final = "accuracy"
 LOSS: Final = "loss"
 NUM_REJECTED: Final = "num-rejected"
+
+# -- Client state (context.state; never on the wire) ----------------------------------------
+STATE_MASK: Final = "mask-cache"
+"""ArrayRecord: the last global mask this node received."""
+STATE_MASK_META: Final = "mask-cache-meta"
+"""ConfigRecord: the version of the cached mask, under MASK_VERSION."""
+STATE_RESIDUAL: Final = "ef-residual"
+"""ArrayRecord: the error-feedback residual of the last uplink."""
+STATE_ACCOUNTANT: Final = "dp-accountant"
+"""ArrayRecord: the privacy accountant's state (history of steps), for cumulative ε."""
+
+# -- Node config (SuperNode --node-config; set by Flower in simulation) ---------------------
+PARTITION_ID: Final = "partition-id"
+NUM_PARTITIONS: Final = "num-partitions"
+PROXIMAL_MU: Final = "proximal-mu"
+"""Set by Flower's FedProx in the train config."""

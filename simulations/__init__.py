@@ -1,0 +1,1 @@
+"""Run configs, the comparison harness, benchmarks and deployment scripts."""

@@ -1,0 +1,1 @@
+"""Server side: Flower strategy wrappers and the fedprune ServerApp."""

@@ -1,0 +1,188 @@
+"""The fedprune ClientApp: decode the global payload, train under the mask, reply encoded.
+
+Per training message:
+
+1. decode the downlink payload (global weights, int8/sparse) with the global mask — carried in
+   the payload when this node does not hold the current version, else taken from
+   ``context.state``;
+2. train locally (SGD/Adam, optional FedProx term, optional DP-SGD) with pruned weights held at
+   exactly zero;
+3. reply with the encoded delta against the weights received (plus the error-feedback residual,
+   which stays in ``context.state``), the metrics, and — on rounds where the schedule prunes —
+   the client's mask vote.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients import core
+from fedprune import codec, keys
+from fedprune.config import RunConfig
+from fedprune.models import set_weights
+from strategies.records import from_record, scalar, to_record
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """Return (partition id, number of partitions) from the node config, validated."""
+    try:
+        partition_id = context.node_config[keys.PARTITION_ID]
+        num_partitions = context.node_config[keys.NUM_PARTITIONS]
+    except KeyError as err:
+        raise ValueError(
+            f"node config lacks {err}; start the SuperNode with "
+            f"--node-config '{keys.PARTITION_ID}=<i> {keys.NUM_PARTITIONS}=<n>'"
+        ) from err
+    if not (isinstance(partition_id, int) and isinstance(num_partitions, int)):
+        raise ValueError(
+            f"node config {keys.PARTITION_ID}={partition_id!r} and "
+            f"{keys.NUM_PARTITIONS}={num_partitions!r} must be integers"
+        )
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"{keys.PARTITION_ID}={partition_id} not in [0, {num_partitions})")
+    return partition_id, num_partitions
+
+
+def receive(
+    msg: Message, context: Context, cfg: RunConfig
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """Decode the downlink into float32 weights and the global mask (``None`` if dense)."""
+    arrays = from_record(msg.content.array_records[keys.ARRAYS])
+    if not cfg.compressed:
+        return arrays, None
+    config = msg.content.config_records[keys.CONFIG]
+    version = scalar(config, keys.MASK_VERSION, int, 0)
+    masks: dict[str, np.ndarray] | None = codec.payload_masks(arrays) or None
+    if masks is not None:
+        context.state[keys.STATE_MASK] = to_record(masks)
+        context.state[keys.STATE_MASK_META] = ConfigRecord({keys.MASK_VERSION: version})
+    elif version > 0:
+        meta = context.state.config_records.get(keys.STATE_MASK_META)
+        cached = None if meta is None else scalar(meta, keys.MASK_VERSION, int)
+        if cached != version:
+            raise ValueError(
+                f"the server sent no mask bits for global mask v{version}, "
+                f"but this node holds v{cached}"
+            )
+        masks = from_record(context.state.array_records[keys.STATE_MASK])
+    return codec.decode(arrays, masks=masks), masks
+
+
+def _encode_reply(
+    cfg: RunConfig,
+    context: Context,
+    start: dict[str, np.ndarray],
+    trained: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray] | None,
+) -> ArrayRecord:
+    """Encode the delta ``trained - start`` (plus the error-feedback residual)."""
+    if not cfg.compressed:
+        return to_record(trained)
+    delta = {name: trained[name] - start[name] for name in start}
+    residual = context.state.array_records.get(keys.STATE_RESIDUAL)
+    if cfg.error_feedback and residual is not None:
+        for name, r in from_record(residual).items():
+            delta[name] += r
+    payload = codec.encode(delta, cfg.codec(), masks=masks, send_masks=False)
+    if cfg.error_feedback:
+        context.state[keys.STATE_RESIDUAL] = to_record(codec.residual(delta, payload, masks=masks))
+    return to_record(payload)
+
+
+def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Decode, train under the mask, reply with the encoded delta, metrics and mask vote."""
+    partition_id, num_partitions = node_partition(context)
+    config = msg.content.config_records[keys.CONFIG]
+    server_round = scalar(config, keys.SERVER_ROUND, int)
+    start, masks = receive(msg, context, cfg)
+    model = core.new_model(cfg)
+    set_weights(model, start)
+    data = core.local_train_data(cfg, partition_id, num_partitions)
+    torch_masks = core.to_torch_masks(masks)
+    result = core.train(
+        cfg,
+        model,
+        data,
+        masks=torch_masks,
+        server_round=server_round,
+        node_seed=partition_id,
+        proximal_mu=scalar(config, keys.PROXIMAL_MU, float, 0.0),
+        accountant_state=(
+            from_record(context.state.array_records[keys.STATE_ACCOUNTANT])
+            if keys.STATE_ACCOUNTANT in context.state.array_records
+            else None
+        ),
+    )
+    metrics = MetricRecord(
+        {keys.NUM_EXAMPLES: result.num_examples, keys.TRAIN_LOSS: result.train_loss}
+    )
+    if result.epsilon is not None and result.accountant_state is not None:
+        metrics[keys.EPSILON] = result.epsilon
+        context.state[keys.STATE_ACCOUNTANT] = to_record(result.accountant_state)
+    content = RecordDict(
+        {
+            keys.ARRAYS: _encode_reply(cfg, context, start, result.weights, masks),
+            keys.METRICS: metrics,
+        }
+    )
+    kind = scalar(config, keys.VOTE, str, "none")
+    if kind != "none":
+        set_weights(model, result.weights)
+        ballot = core.vote(
+            cfg,
+            model,
+            data,
+            kind=kind,
+            density=scalar(config, keys.DENSITY, float),
+            masks=torch_masks,
+            node_seed=partition_id,
+            server_round=server_round,
+        )
+        if kind == "scores":
+            vote_payload = codec.encode(ballot, cfg.codec(), masks=masks, send_masks=False)
+        else:
+            vote_payload = {name: codec.pack_mask(m) for name, m in ballot.items()}
+        content[keys.MASK_VOTE] = to_record(vote_payload)
+    return Message(content=content, reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Decode the global model and evaluate it on this node's shard of the held-out split."""
+    partition_id, num_partitions = node_partition(context)
+    weights, _ = receive(msg, context, cfg)
+    model = core.new_model(cfg)
+    set_weights(model, weights)
+    data = core.local_eval_data(cfg, partition_id, num_partitions)
+    loss, accuracy = core.evaluate(model, data)
+    metrics = MetricRecord({keys.NUM_EXAMPLES: len(data), keys.LOSS: loss, keys.ACCURACY: accuracy})
+    return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)
+
+
+def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
+    """Return a ClientApp running :func:`train` and :func:`evaluate`.
+
+    Parameters
+    ----------
+    cfg : RunConfig, optional
+        A fixed configuration (in-process simulations). By default each message's
+        ``context.run_config`` is parsed and validated, as under ``flwr run``.
+    """
+    client_app = ClientApp()
+
+    def config_of(context: Context) -> RunConfig:
+        return cfg if cfg is not None else RunConfig.from_mapping(context.run_config)
+
+    @client_app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, config_of(context))
+
+    @client_app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate(msg, context, config_of(context))
+
+    return client_app
+
+
+app = make_client_app()

@@ -1,0 +1,232 @@
+"""The client's training core, shared by the ClientApp and the NumPyClient adapter.
+
+Nothing here touches Flower records: inputs and outputs are plain dicts of float32 numpy arrays,
+torch masks and the validated :class:`~fedprune.config.RunConfig`. The wire layer
+(:mod:`clients.client_app`) decodes payloads into these and encodes the results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedprune.config import RunConfig
+from fedprune.data import ArrayDataset, client_data, load_dataset, partition
+from fedprune.models import build_model, get_weights
+from fedprune.privacy import DPConfig, PrivateTrainer, make_private, planned_total_steps
+from fedprune.pruning import apply_mask, compute_mask, magnitude_scores, sensitivity_scores
+
+TorchMasks = dict[str, torch.Tensor]
+AccountantState = dict[str, np.ndarray]
+
+
+def derive_seed(*parts: int | str) -> int:
+    """Return a 63-bit seed derived from ``parts`` (run seed, node, round, purpose)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def new_model(cfg: RunConfig) -> nn.Module:
+    """Build the run's model with the run's seed (identical on the server and every client)."""
+    train, _ = load_dataset(cfg.dataset)
+    return build_model(
+        cfg.model,
+        input_shape=train.input_shape,
+        num_classes=train.num_classes,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+def local_train_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayDataset:
+    """Return the client's partition of the training split."""
+    return client_data(
+        cfg.dataset,
+        partition_id,
+        num_partitions,
+        scheme=cfg.partitioning,
+        alpha=cfg.alpha,
+        classes_per_client=cfg.classes_per_client,
+        seed=cfg.seed,
+    )
+
+
+def local_eval_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayDataset:
+    """Return the client's IID shard of the held-out test split (federated evaluation)."""
+    _, test = load_dataset(cfg.dataset)
+    shards = partition(test.y, num_partitions, scheme="iid", seed=cfg.seed)
+    return test.subset(shards[partition_id])
+
+
+def to_torch_masks(masks: Mapping[str, np.ndarray] | None) -> TorchMasks | None:
+    """Convert numpy bool masks to torch bool tensors (no copy of the data)."""
+    if masks is None:
+        return None
+    return {name: torch.from_numpy(np.asarray(m, dtype=bool)) for name, m in masks.items()}
+
+
+@dataclass
+class TrainResult:
+    """What one round of local training produced."""
+
+    weights: dict[str, np.ndarray]
+    num_examples: int
+    train_loss: float
+    epsilon: float | None
+    accountant_state: AccountantState | None
+
+
+def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """Return the local optimizer named by the config, over ``params``."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def train(
+    cfg: RunConfig,
+    model: nn.Module,
+    data: ArrayDataset,
+    *,
+    masks: TorchMasks | None,
+    server_round: int,
+    node_seed: int,
+    proximal_mu: float = 0.0,
+    accountant_state: AccountantState | None = None,
+) -> TrainResult:
+    """Train ``model`` locally for ``cfg.local_epochs`` epochs, keeping pruned weights at 0.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Local-training settings (optimizer, lr, epochs, batch size, DP).
+    model : nn.Module
+        The model, already holding the decoded global weights.
+    data : ArrayDataset
+        The client's training partition.
+    masks : dict[str, torch.Tensor] or None
+        Global mask; pruned weights are zero before training and after every step.
+    server_round : int
+        The round, for deterministic shuffling and noise.
+    node_seed : int
+        A seed unique to this client.
+    proximal_mu : float
+        FedProx proximal term weight (0 disables it).
+    accountant_state : AccountantState, optional
+        The privacy accountant's state from earlier rounds (DP only).
+
+    Returns
+    -------
+    TrainResult
+        Trained weights, example count, mean training loss and cumulative ε (DP only).
+    """
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, node_seed, server_round))
+    if masks is not None:
+        apply_mask(model, masks)
+    loader = data.to_loader(cfg.batch_size, shuffle=True, generator=generator)
+    private: PrivateTrainer | None = None
+    if cfg.dp:
+        private = make_private(
+            model,
+            lambda params: make_optimizer(cfg, params),
+            loader,
+            DPConfig.from_run_config(cfg),
+            generator=generator,
+            masks=masks,
+            accountant_state=accountant_state,
+            total_steps=planned_total_steps(
+                loader, num_rounds=cfg.num_server_rounds, local_epochs=cfg.local_epochs
+            ),
+        )
+        net, optimizer, loader = private.model, private.optimizer, private.loader
+    else:
+        net = model
+        optimizer = make_optimizer(cfg, list(model.parameters()))
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    loss_fn = nn.CrossEntropyLoss()
+    net.train()
+    total_loss, total_seen = 0.0, 0
+    for _ in range(cfg.local_epochs):
+        for x, y in loader:
+            if len(y) == 0:  # Poisson sampling can draw an empty batch
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(net(x), y)
+            if anchor:
+                prox = sum(
+                    ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+                )
+                loss = loss + 0.5 * proximal_mu * prox
+            loss.backward()
+            if private is not None:
+                private.step()
+            else:
+                optimizer.step()
+                if masks is not None:
+                    apply_mask(model, masks)
+            total_loss += float(loss.detach()) * len(y)
+            total_seen += len(y)
+    epsilon: float | None = None
+    state: AccountantState | None = None
+    if private is not None:
+        epsilon, state = private.epsilon(), private.accountant_state()
+        model = private.close()
+    return TrainResult(
+        weights=get_weights(model),
+        num_examples=len(data),
+        train_loss=total_loss / max(total_seen, 1),
+        epsilon=epsilon,
+        accountant_state=state,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 512) -> tuple[float, float]:
+    """Return (mean cross-entropy loss, accuracy in [0, 1]) of ``model`` on ``data``."""
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total_loss, correct = 0.0, 0
+    for x, y in data.to_loader(batch_size):
+        logits = model(x)
+        total_loss += float(loss_fn(logits, y))
+        correct += int((logits.argmax(dim=1) == y).sum())
+    n = max(len(data), 1)
+    return total_loss / n, correct / n
+
+
+def vote(
+    cfg: RunConfig,
+    model: nn.Module,
+    data: ArrayDataset,
+    *,
+    kind: str,
+    density: float,
+    masks: TorchMasks | None,
+    node_seed: int,
+    server_round: int,
+) -> dict[str, np.ndarray]:
+    """Return the mask vote at ``density``: scores ("scores") or a top-k mask ("mask").
+
+    Scores are |w| (magnitude) or sum |w * dL/dw| over a few batches (sensitivity), computed on
+    the locally trained model; the mask keeps the top ``density`` fraction within ``masks``.
+    """
+    names = list(masks) if masks is not None else None
+    params = dict(model.named_parameters())
+    if names is None:
+        raise ValueError("a mask vote needs the global mask the round was trained under")
+    if cfg.prune_method == "sensitivity":
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, node_seed, server_round, 1))
+        loader = data.to_loader(cfg.batch_size, shuffle=True, generator=generator)
+        batches = [batch for _, batch in zip(range(4), loader, strict=False)]
+        scores = sensitivity_scores(model, nn.CrossEntropyLoss(), batches, names)
+    else:
+        scores = magnitude_scores({name: params[name].detach() for name in names})
+    if kind == "scores":
+        assert masks is not None
+        return {name: torch.where(masks[name], scores[name], 0.0).float().numpy() for name in names}
+    mask = compute_mask(scores, density, scope="global", prior=masks)
+    return {name: m.numpy() for name, m in mask.items()}

@@ -1,0 +1,247 @@
+"""The run configuration, parsed once and validated.
+
+``[tool.flwr.app.config]`` in ``pyproject.toml`` (overridable with ``flwr run --run-config``)
+arrives in the ServerApp and in every ClientApp as a flat mapping of kebab-case keys. Both sides
+call :func:`RunConfig.from_mapping` on it: an unknown key, a value of the wrong type or a value out
+of range raises :class:`ConfigError` naming the key, before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args, get_type_hints
+
+from fedprune.codec import CodecConfig, QuantMode
+
+StrategyName = Literal["fedavg", "compressed"]
+InnerStrategyName = Literal[
+    "fedavg", "fedavgm", "fedadam", "fedprox", "fedmedian", "fedtrimmedavg", "krum"
+]
+DatasetName = Literal["digits", "fashion-mnist", "mnist", "cifar10"]
+ModelName = Literal["mlp", "cnn", "resnet18"]
+PartitionScheme = Literal["iid", "dirichlet", "classes"]
+OptimizerName = Literal["sgd", "adam"]
+PruneMethod = Literal["magnitude", "sensitivity"]
+ReconcileRuleName = Literal["majority", "intersection", "union", "topk"]
+AccountantName = Literal["rdp", "prv"]
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown, of the wrong type, or out of range."""
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, shared verbatim by the server and the clients.
+
+    Field ``foo_bar`` is the config key ``foo-bar``. See ``pyproject.toml`` for the defaults
+    used by ``flwr run .`` and ``docs/design.md`` for what each stage does with them.
+    """
+
+    run_name: str = "flwr-run"
+    results_dir: str = "results"
+    # Strategy: "fedavg" is stock Flower FedAvg on float32 weights (the baseline);
+    # "compressed" wraps the inner strategy with mask reconciliation and the payload codec.
+    strategy: StrategyName = "compressed"
+    inner_strategy: InnerStrategyName = "fedavg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    proximal_mu: float = 0.01
+    # Data and model
+    dataset: DatasetName = "digits"
+    model: ModelName = "mlp"
+    partitioning: PartitionScheme = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    # Rounds and sampling
+    num_server_rounds: int = 3
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_train_nodes: int = 2
+    # Local training
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: OptimizerName = "sgd"
+    momentum: float = 0.0
+    # Pruning
+    target_density: float = 1.0
+    initial_density: float = 1.0
+    prune_method: PruneMethod = "magnitude"
+    prune_start_round: int = 1
+    prune_end_round: int = 1
+    reconcile_rule: ReconcileRuleName = "topk"
+    vote_threshold: float = 0.5
+    # Payload codec
+    quant: QuantMode = "int8-channel"
+    entropy: bool = False
+    error_feedback: bool = False
+    # Differential privacy (client-side DP-SGD with Opacus)
+    dp: bool = False
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: AccountantName = "rdp"
+    # Reproducibility
+    seed: int = 0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Parse and validate a flat kebab-case mapping (e.g. ``context.run_config``).
+
+        Parameters
+        ----------
+        values : Mapping[str, Any]
+            Config keys to values; keys absent here take the dataclass defaults.
+
+        Returns
+        -------
+        RunConfig
+            The validated configuration.
+
+        Raises
+        ------
+        ConfigError
+            On an unknown key, a value of the wrong type, or a value out of range.
+        """
+        hints = get_type_hints(cls)
+        fields = {_key(f.name): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(fields)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            f = fields[key]
+            kwargs[f.name] = _coerce(key, value, hints[f.name])
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def to_mapping(self) -> dict[str, bool | int | float | str]:
+        """Return the flat kebab-case mapping (inverse of :meth:`from_mapping`)."""
+        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """Return a validated copy with ``changes`` (snake_case field names) applied."""
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Check ranges and cross-field rules; raise :class:`ConfigError` naming the key."""
+        _check(bool(self.run_name.strip()), "run-name", "must not be empty")
+        _check(
+            "/" not in self.run_name and ".." not in self.run_name,
+            "run-name",
+            "must be a plain name (no '/' or '..')",
+        )
+        _check(self.alpha > 0.0 and math.isfinite(self.alpha), "alpha", "must be > 0")
+        _check(self.classes_per_client >= 1, "classes-per-client", "must be >= 1")
+        _check(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
+        _check(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
+        _check(0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate", "must be in [0, 1]")
+        _check(self.min_train_nodes >= 1, "min-train-nodes", "must be >= 1")
+        _check(self.local_epochs >= 1, "local-epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "batch-size", "must be >= 1")
+        for name in ("lr", "server_lr"):
+            value = getattr(self, name)
+            _check(value > 0.0 and math.isfinite(value), _key(name), "must be > 0")
+        _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
+        _check(0.0 <= self.server_momentum < 1.0, "server-momentum", "must be in [0, 1)")
+        _check(self.proximal_mu >= 0.0, "proximal-mu", "must be >= 0")
+        _check(0.0 < self.target_density <= 1.0, "target-density", "must be in (0, 1]")
+        _check(
+            self.target_density <= self.initial_density <= 1.0,
+            "initial-density",
+            f"must be in [target-density={self.target_density}, 1]",
+        )
+        _check(self.prune_start_round >= 1, "prune-start-round", "must be >= 1")
+        _check(
+            self.prune_end_round >= self.prune_start_round,
+            "prune-end-round",
+            f"must be >= prune-start-round={self.prune_start_round}",
+        )
+        _check(0.0 < self.vote_threshold <= 1.0, "vote-threshold", "must be in (0, 1]")
+        if self.strategy == "fedavg":
+            _check(
+                self.target_density == 1.0,
+                "target-density",
+                "pruning needs strategy='compressed' (stock FedAvg sends dense float32)",
+            )
+            _check(
+                self.inner_strategy == "fedavg",
+                "inner-strategy",
+                "only applies to strategy='compressed'",
+            )
+        if self.dp:
+            _check(self.max_grad_norm > 0.0, "max-grad-norm", "must be > 0 when dp is on")
+            _check(0.0 < self.target_delta < 1.0, "target-delta", "must be in (0, 1)")
+            given = (self.noise_multiplier > 0.0) + (self.target_epsilon > 0.0)
+            _check(
+                self.inner_strategy != "fedprox",
+                "inner-strategy",
+                "FedProx's proximal term has no per-sample gradient for DP-SGD to clip",
+            )
+            _check(
+                self.prune_method != "sensitivity" or self.target_density == 1.0,
+                "prune-method",
+                "sensitivity scores read raw gradients of private data; with dp on use "
+                "'magnitude' (a mask from DP-trained weights is post-processing)",
+            )
+            _check(
+                given == 1,
+                "noise-multiplier",
+                "with dp on, set exactly one of noise-multiplier and target-epsilon (> 0)",
+            )
+        _check(self.noise_multiplier >= 0.0, "noise-multiplier", "must be >= 0")
+        _check(self.target_epsilon >= 0.0, "target-epsilon", "must be >= 0")
+
+    def codec(self) -> CodecConfig:
+        """Return the payload codec settings (the same in both directions)."""
+        return CodecConfig(quant=self.quant, entropy=self.entropy)
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the codec and mask wrappers are in play."""
+        return self.strategy == "compressed"
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Coerce ``value`` to the field type ``hint`` or raise :class:`ConfigError`."""
+    choices = get_args(hint)
+    if choices and all(isinstance(c, str) for c in choices):  # a Literal of strings
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(choices)}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"config key '{key}': must be finite, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {hint!r}")  # pragma: no cover

@@ -1,0 +1,58 @@
+"""Run one configuration in Flower's Ray-backed simulation engine, in this process.
+
+``flwr run .`` is the user-facing way to run the app (see the README). The harness and the tests
+use this in-process entry instead, because it hands back the measured :class:`RunSummary` and
+lets a progress bar follow the rounds; the ServerApp and ClientApp are the same objects that
+``flwr run`` loads, built around a fixed :class:`RunConfig` instead of ``context.run_config``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from flwr.simulation import run_simulation
+
+from clients.client_app import make_client_app
+from fedprune.config import RunConfig
+from fedprune.results import RunSummary
+from strategies.accounting import RoundTraffic
+from strategies.server_app import make_server_app
+
+
+def backend_config(num_cpus: int | None = None) -> dict[str, Any]:
+    """Ray backend settings: one CPU per virtual client, all of this machine's cores."""
+    cpus = num_cpus or os.cpu_count() or 1
+    return {
+        "init_args": {"num_cpus": cpus, "include_dashboard": False},
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    }
+
+
+def simulate(
+    cfg: RunConfig,
+    *,
+    num_supernodes: int,
+    on_round_end: Callable[[RoundTraffic], None] | None = None,
+    num_cpus: int | None = None,
+) -> RunSummary:
+    """Run ``cfg`` on ``num_supernodes`` virtual SuperNodes and return what was measured.
+
+    Results are also written to ``<cfg.results_dir>/<cfg.run_name>/``.
+    """
+    if num_supernodes < cfg.min_train_nodes:
+        raise ValueError(
+            f"num_supernodes={num_supernodes} is below min-train-nodes={cfg.min_train_nodes}"
+        )
+    summaries: list[RunSummary] = []
+    server_app = make_server_app(cfg, on_round_end=on_round_end, on_done=summaries.append)
+    run_simulation(
+        server_app=server_app,
+        client_app=make_client_app(cfg),
+        num_supernodes=num_supernodes,
+        backend_config=backend_config(num_cpus),
+    )
+    if not summaries:
+        raise RuntimeError(f"run {cfg.run_name!r} ended without a result; see the log above")
+    return summaries[0]

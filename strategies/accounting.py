@@ -1,0 +1,157 @@
+"""Bytes on the wire, counted from Flower's own serialization of every message.
+
+Flower 1.41 moves a message as a tree of *inflatable objects* (Message -> RecordDict ->
+records -> Arrays -> ArrayChunks), each deflated to bytes; a receiver pulls each distinct object
+of a message once. The size of a message on the wire is therefore the sum of the deflated sizes
+of the distinct objects in its tree. :class:`WireAccounting` wraps any strategy and counts every
+message it sends (downlink) and every reply it receives (uplink), train and evaluate alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+from flwr.supercore.inflatable.inflatable_object import (
+    InflatableObject,
+    get_all_nested_objects,
+)
+
+from fedprune import keys
+
+
+def object_tree_bytes(obj: InflatableObject) -> int:
+    """Return the deflated size in bytes of the distinct objects in ``obj``'s tree."""
+    return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
+
+
+def message_wire_bytes(messages: Iterable[Message]) -> int:
+    """Return the bytes that ``messages`` occupy on the wire, one receiver per message.
+
+    Messages that share one content object (a broadcast of the same global model) are each
+    counted in full, because each destination node pulls the whole tree; the deflation of a
+    shared content tree is computed only once.
+    """
+    total = 0
+    content_bytes: dict[int, int] = {}
+    for message in messages:
+        own = len(message.deflate())
+        if message.has_content():
+            key = id(message.content)
+            if key not in content_bytes:
+                content_bytes[key] = object_tree_bytes(message.content)
+            own += content_bytes[key]
+        total += own
+    return total
+
+
+@dataclass
+class RoundTraffic:
+    """What travelled in one server round."""
+
+    server_round: int
+    bytes_up: int = 0
+    bytes_down: int = 0
+    replies: int = 0
+    failures: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    wall_s: float = 0.0
+
+
+class WireAccounting(Strategy):
+    """Count the serialized bytes of every message a strategy sends and receives.
+
+    Composes over any Message-API strategy (it is the outermost wrapper, so it sees exactly
+    what travels). The per-round counts are added to the aggregated train metrics as
+    ``bytes-up`` and ``bytes-down`` and kept in :attr:`rounds`.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The strategy whose traffic is counted.
+    on_round_end : Callable[[RoundTraffic], None], optional
+        Called after each round's training aggregation (e.g. to drive a progress bar).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        on_round_end: Callable[[RoundTraffic], None] | None = None,
+    ) -> None:
+        self.strategy = strategy
+        self.on_round_end = on_round_end
+        self.rounds: dict[int, RoundTraffic] = {}
+
+    def _round(self, server_round: int) -> RoundTraffic:
+        if server_round not in self.rounds:
+            self.rounds[server_round] = RoundTraffic(server_round)
+        return self.rounds[server_round]
+
+    def _count_down(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
+        out = list(messages)
+        self._round(server_round).bytes_down += message_wire_bytes(out)
+        return out
+
+    def _count_up(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        got = list(replies)
+        traffic = self._round(server_round)
+        traffic.bytes_up += message_wire_bytes(got)
+        traffic.replies += sum(not r.has_error() for r in got)
+        traffic.failures += sum(r.has_error() for r in got)
+        return got
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure training with the inner strategy and count the downlink."""
+        self._round(server_round).started = time.perf_counter()
+        messages = self.strategy.configure_train(server_round, arrays, config, grid)
+        return self._count_down(server_round, messages)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Count the uplink, aggregate with the inner strategy, add the byte counts."""
+        got = self._count_up(server_round, replies)
+        arrays, metrics = self.strategy.aggregate_train(server_round, got)
+        traffic = self._round(server_round)
+        traffic.wall_s = time.perf_counter() - traffic.started
+        metrics = MetricRecord() if metrics is None else metrics
+        metrics[keys.BYTES_UP] = traffic.bytes_up
+        metrics[keys.BYTES_DOWN] = traffic.bytes_down
+        log(
+            INFO,
+            "round %d: %d B up, %d B down (%d replies, %d failures)",
+            server_round,
+            traffic.bytes_up,
+            traffic.bytes_down,
+            traffic.replies,
+            traffic.failures,
+        )
+        if self.on_round_end is not None:
+            self.on_round_end(traffic)
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure federated evaluation with the inner strategy and count the downlink."""
+        messages = self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        return self._count_down(server_round, messages)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Count the uplink and aggregate evaluation metrics with the inner strategy."""
+        return self.strategy.aggregate_evaluate(server_round, self._count_up(server_round, replies))
+
+    def summary(self) -> None:
+        """Log the wrapper and the inner strategy."""
+        log(INFO, "\t├──> Wire accounting (bytes of deflated message object trees)")
+        self.strategy.summary()

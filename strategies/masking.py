@@ -1,0 +1,188 @@
+"""Reconcile the clients' pruning masks into one global mask and enforce it.
+
+:class:`MaskReconciliation` works on decoded float32 replies (it sits *inside*
+:class:`~strategies.payload.CompressedPayload`). Each round it
+
+1. computes the scheduled density (Zhu & Gupta polynomial schedule) and, when that is below the
+   current global density, asks the clients for a vote (a mask, or their scores for top-k);
+2. attaches the current global mask to the outgoing messages (the payload wrapper encodes under
+   it and decides per node whether the mask bits must travel);
+3. after the inner strategy aggregated, reconciles the votes into a new global mask (monotone:
+   never outside the old one), bumps the mask version, and zeroes the pruned entries of the
+   aggregated model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from logging import INFO
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from fedprune import keys
+from fedprune.masks import ReconcileConfig, mask_density, reconcile
+from fedprune.pruning import polynomial_density
+from strategies.records import from_record, scalar, to_record
+
+
+@dataclass(frozen=True)
+class DensitySchedule:
+    """Polynomial density schedule from ``initial`` to ``final`` over server rounds."""
+
+    initial: float
+    final: float
+    start_round: int
+    end_round: int
+
+    def __call__(self, server_round: int) -> float:
+        """Return the scheduled density for ``server_round``."""
+        return polynomial_density(
+            server_round,
+            initial=self.initial,
+            final=self.final,
+            start_round=self.start_round,
+            end_round=self.end_round,
+        )
+
+
+class MaskReconciliation(Strategy):
+    """Keep a global pruning mask, reconcile client votes into it, enforce it.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The aggregating strategy; it sees replies without their mask votes.
+    prunable : Sequence[str]
+        Names of the prunable tensors (Linear/Conv weights).
+    schedule : DensitySchedule
+        Density per server round.
+    reconcile_config : ReconcileConfig
+        Rule and threshold; its density is replaced by the scheduled density each round.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        prunable: Sequence[str],
+        schedule: DensitySchedule,
+        reconcile_config: ReconcileConfig,
+    ) -> None:
+        self.strategy = strategy
+        self.prunable = list(prunable)
+        self.schedule = schedule
+        self.reconcile_config = reconcile_config
+        self.mask: dict[str, np.ndarray] | None = None
+        self.version = 0
+        self._round_density: dict[int, float] = {}
+
+    @property
+    def vote_kind(self) -> str:
+        """What a client sends as its vote: scores for top-k, a mask otherwise."""
+        return "scores" if self.reconcile_config.rule == "topk" else "mask"
+
+    @property
+    def density(self) -> float:
+        """Density of the current global mask (1.0 before any pruning)."""
+        return 1.0 if self.mask is None else mask_density(self.mask)
+
+    def _initial_mask(self, arrays: ArrayRecord) -> None:
+        """Magnitude top-k mask of the initial model at the initial density (all ones at 1.0)."""
+        weights = from_record(arrays)
+        scores = {name: np.abs(weights[name]) for name in self.prunable}
+        config = ReconcileConfig(rule="topk", density=self.schedule.initial)
+        self.mask = reconcile([scores], [1.0], config)
+        self.version = 1
+
+    def _attach(self, server_round: int, messages: Iterable[Message], vote: str) -> list[Message]:
+        out = list(messages)
+        if self.mask is not None:
+            record = to_record(self.mask)
+            for message in out:
+                message.content[keys.GLOBAL_MASK] = record
+        for message in out:
+            config = message.content.config_records.get(keys.CONFIG)
+            if config is not None:
+                config[keys.DENSITY] = self._round_density.get(server_round, self.density)
+                config[keys.VOTE] = vote
+                config[keys.MASK_VERSION] = self.version
+        return out
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Schedule this round's density, ask for votes when it drops, attach the mask."""
+        if self.mask is None:
+            self._initial_mask(arrays)
+        target = self.schedule(server_round)
+        vote = self.vote_kind if target < self.density - 1e-12 else "none"
+        self._round_density[server_round] = target
+        messages = self.strategy.configure_train(server_round, arrays, config, grid)
+        return self._attach(server_round, messages, vote)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Attach the global mask to evaluation messages (no votes)."""
+        messages = self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        return self._attach(server_round, messages, "none")
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate with the inner strategy, reconcile the votes, enforce the mask."""
+        votes: list[dict[str, np.ndarray]] = []
+        weights: list[float] = []
+        got = list(replies)
+        for reply in got:
+            if reply.has_error() or keys.MASK_VOTE not in reply.content.array_records:
+                continue
+            votes.append(from_record(reply.content.array_records[keys.MASK_VOTE]))
+            del reply.content[keys.MASK_VOTE]
+            reply_metrics = reply.content.metric_records.get(keys.METRICS, MetricRecord())
+            weights.append(scalar(reply_metrics, keys.NUM_EXAMPLES, float))
+        arrays, metrics = self.strategy.aggregate_train(server_round, got)
+        if arrays is not None and votes:
+            density = self._round_density[server_round]
+            config = ReconcileConfig(
+                rule=self.reconcile_config.rule,
+                threshold=self.reconcile_config.threshold,
+                density=density,
+            )
+            self.mask = reconcile(votes, weights, config, prior=self.mask)
+            self.version += 1
+            log(
+                INFO,
+                "round %d: global mask v%d at density %.4f",
+                server_round,
+                self.version,
+                self.density,
+            )
+        if arrays is not None and self.mask is not None:
+            arrays = self._enforce(arrays)
+        metrics = MetricRecord() if metrics is None else metrics
+        metrics[keys.DENSITY] = self.density
+        return arrays, metrics
+
+    def _enforce(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Zero the entries of ``arrays`` that the global mask prunes."""
+        assert self.mask is not None
+        weights = from_record(arrays)
+        for name, keep in self.mask.items():
+            weights[name] = np.where(keep, weights[name], np.float32(0.0)).astype(np.float32)
+        return to_record(weights)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Aggregate evaluation metrics with the inner strategy."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        """Log the schedule and rule, then the inner strategy."""
+        log(INFO, "\t├──> Mask reconciliation: %s, %s", self.schedule, self.reconcile_config)
+        self.strategy.summary()

@@ -1,0 +1,202 @@
+"""Encode the downlink, decode every reply before the inner strategy sees it.
+
+Stock Flower aggregators average whatever arrays they receive: int8 codes would be averaged raw
+(or overflow), bit-packed masks would be averaged as numbers, and replies whose ArrayRecord keys
+differ end the run. :class:`CompressedPayload` therefore sits *outside* the aggregating strategy:
+
+- downlink: the inner strategy configures float32 messages; this wrapper replaces each message's
+  arrays by an encoded payload of the global **weights** (int8 per tensor or per channel, sparse
+  under the global mask, optional entropy stage). Mask bits travel only to nodes that do not hold
+  the current mask version.
+- uplink: each reply carries an encoded **delta** against the weights the client received. The
+  wrapper decodes it, reconstructs the client's model as ``g + delta`` with its own
+  full-precision global ``g``, and hands float32 replies to the inner strategy. A reply that fails
+  to decode is dropped, with its reason logged and counted (``num-rejected``).
+
+See ``docs/design.md`` for why weights go down and deltas come up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from fedprune import codec, keys
+from strategies.records import from_record, scalar, to_record
+
+
+class CompressedPayload(Strategy):
+    """Wrap a strategy so that only encoded payloads travel and only decoded floats aggregate.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The inner strategy (FedAvg, FedAdam, FedMedian, ... or a :class:`MaskReconciliation`
+        around one). It sees float32 arrays keyed by parameter name, never codes.
+    codec_config : codec.CodecConfig
+        Quantization and entropy settings used in both directions.
+    rng : np.random.Generator
+        Randomness for stochastic rounding of the downlink.
+    """
+
+    def __init__(
+        self, strategy: Strategy, codec_config: codec.CodecConfig, rng: np.random.Generator
+    ) -> None:
+        self.strategy = strategy
+        self.codec_config = codec_config
+        self.rng = rng
+        self._global: dict[str, np.ndarray] = {}
+        self._masks: dict[str, np.ndarray] | None = None
+        self._mask_version = 0
+        self._vote_kind = "none"
+        self._node_mask_version: dict[int, int] = {}
+        self.num_rejected: dict[int, int] = {}
+
+    # -- downlink ---------------------------------------------------------------------------
+    def _encode(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
+        """Replace each message's float32 arrays by the encoded global weights."""
+        self._global = from_record(arrays)
+        encoded: dict[tuple[int, bool], ArrayRecord] = {}
+        out: list[Message] = []
+        for message in messages:
+            content = message.content
+            mask_record = content.array_records.get(keys.GLOBAL_MASK)
+            config = content.config_records.get(keys.CONFIG, ConfigRecord())
+            self._vote_kind = scalar(config, keys.VOTE, str, "none")
+            if mask_record is not None:
+                self._masks = {k: v.astype(bool) for k, v in from_record(mask_record).items()}
+                self._mask_version = scalar(config, keys.MASK_VERSION, int, 0)
+            else:
+                self._masks = None
+            node = message.metadata.dst_node_id
+            send_masks = (
+                self._masks is not None and self._node_mask_version.get(node) != self._mask_version
+            )
+            cache_key = (id(content), send_masks)
+            if cache_key not in encoded:
+                payload = codec.encode(
+                    self._global,
+                    self.codec_config,
+                    masks=self._masks,
+                    send_masks=send_masks,
+                    rng=self.rng,
+                )
+                encoded[cache_key] = to_record(payload)
+            records = RecordDict(
+                {
+                    name: record
+                    for name, record in content.items()
+                    if name not in (keys.ARRAYS, keys.GLOBAL_MASK)
+                }
+            )
+            records[keys.ARRAYS] = encoded[cache_key]
+            out.append(
+                Message(
+                    content=records,
+                    dst_node_id=node,
+                    message_type=message.metadata.message_type,
+                    group_id=message.metadata.group_id,
+                )
+            )
+        return out
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure training with the inner strategy, then encode the downlink."""
+        messages = self.strategy.configure_train(server_round, arrays, config, grid)
+        return self._encode(messages, arrays)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure evaluation with the inner strategy, then encode the downlink."""
+        messages = self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        return self._encode(messages, arrays)
+
+    # -- uplink -----------------------------------------------------------------------------
+    def _decode_reply(self, reply: Message) -> None:
+        """Decode ``reply`` in place: delta payload -> float32 weights, vote -> floats/bools.
+
+        Raises
+        ------
+        ValueError
+            If the payload is malformed or does not match the global model.
+        """
+        content = reply.content
+        if keys.ARRAYS not in content.array_records:
+            raise ValueError(f"reply has no '{keys.ARRAYS}' ArrayRecord")
+        delta = codec.decode(from_record(content.array_records[keys.ARRAYS]), masks=self._masks)
+        if list(delta) != list(self._global):
+            raise ValueError(
+                f"reply tensors {sorted(delta)} differ from the global model's "
+                f"{sorted(self._global)}"
+            )
+        weights: dict[str, np.ndarray] = {}
+        for name, g in self._global.items():
+            if delta[name].shape != g.shape:
+                raise ValueError(
+                    f"reply tensor '{name}' has shape {delta[name].shape}, expected {g.shape}"
+                )
+            weights[name] = g + delta[name]
+        content[keys.ARRAYS] = to_record(weights)
+        vote_record = content.array_records.get(keys.MASK_VOTE)
+        if vote_record is not None:
+            content[keys.MASK_VOTE] = to_record(self._decode_vote(from_record(vote_record)))
+
+    def _decode_vote(self, vote: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Decode a mask vote: bit-packed masks, or an encoded score payload."""
+        if self._masks is None or self._vote_kind == "none":
+            raise ValueError("reply carries a mask vote that was not asked for")
+        if self._vote_kind == "scores":
+            return codec.decode(vote, masks=self._masks)
+        if set(vote) != set(self._masks):
+            raise ValueError(f"mask vote covers {sorted(vote)}, expected {sorted(self._masks)}")
+        return {
+            name: codec.unpack_mask(bits, self._masks[name].shape) for name, bits in vote.items()
+        }
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode every reply, drop the malformed ones, aggregate with the inner strategy."""
+        accepted: list[Message] = []
+        rejected = 0
+        for reply in replies:
+            if not reply.has_error():
+                try:
+                    self._decode_reply(reply)
+                except ValueError as err:
+                    rejected += 1
+                    log(
+                        WARNING,
+                        "round %d: rejected reply from node %d: %s",
+                        server_round,
+                        reply.metadata.src_node_id,
+                        err,
+                    )
+                    continue
+                self._node_mask_version[reply.metadata.src_node_id] = self._mask_version
+            accepted.append(reply)
+        self.num_rejected[server_round] = rejected
+        arrays, metrics = self.strategy.aggregate_train(server_round, accepted)
+        metrics = MetricRecord() if metrics is None else metrics
+        metrics[keys.NUM_REJECTED] = rejected
+        return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Pass evaluation replies (metrics only) to the inner strategy."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        """Log the codec settings and the inner strategy."""
+        log(INFO, "\t├──> Compressed payloads: %s", self.codec_config)
+        self.strategy.summary()

@@ -1,0 +1,68 @@
+"""Conversions between Flower records and plain ``dict[str, np.ndarray]``.
+
+The numerics in :mod:`fedprune` work on plain dicts of numpy arrays; these two functions are the
+only place where such a dict becomes an ``ArrayRecord`` or comes back from one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Wrap ``arrays`` in an ``ArrayRecord``, keeping key order."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Return the arrays of ``record`` as numpy arrays, keeping key order."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+_Scalar = TypeVar("_Scalar", int, float, str)
+
+
+def scalar(
+    record: ConfigRecord | MetricRecord,
+    key: str,
+    kind: type[_Scalar],
+    default: _Scalar | None = None,
+) -> _Scalar:
+    """Return ``record[key]`` as a scalar of type ``kind``, validated.
+
+    Parameters
+    ----------
+    record : ConfigRecord or MetricRecord
+        Where to look.
+    key : str
+        The (kebab-case) key.
+    kind : {int, float, str}
+        The expected type; an ``int`` is accepted where a ``float`` is expected.
+    default : optional
+        Returned when ``key`` is absent; without it an absent key is an error.
+
+    Raises
+    ------
+    ValueError
+        If the key is absent without a default, or its value has another type (``bool`` is
+        never accepted as a number).
+    """
+    if key not in record:
+        if default is None:
+            raise ValueError(f"record lacks the key '{key}'")
+        return default
+    value: Any = record[key]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = (
+        (kind is str and isinstance(value, str))
+        or (kind is int and number and isinstance(value, int))
+        or (kind is float and number)
+    )
+    if not ok:
+        raise ValueError(f"'{key}' must be a {kind.__name__}, got {value!r}")
+    result: Any = float(value) if kind is float else value
+    return result
