@@ -8,6 +8,7 @@ torch masks and the validated :class:`~fedprune.config.RunConfig`. The wire laye
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ from fedprune.data import ArrayDataset, client_data, load_dataset, partition
 from fedprune.models import build_model, get_weights
 from fedprune.privacy import DPConfig, PrivateTrainer, make_private, planned_total_steps
 from fedprune.pruning import apply_mask, compute_mask, magnitude_scores, sensitivity_scores
+
+# Opacus's per-sample hooks make torch warn on every DP step; the hooks are what we want.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 TorchMasks = dict[str, torch.Tensor]
 AccountantState = dict[str, np.ndarray]
@@ -152,8 +156,8 @@ def train(
     total_loss, total_seen = 0.0, 0
     for _ in range(cfg.local_epochs):
         for x, y in loader:
-            if len(y) == 0:  # Poisson sampling can draw an empty batch
-                continue
+            # Under DP an empty Poisson batch still takes a (noise-only) step: skipping it would
+            # change what a neighbouring dataset's run looks like.
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(net(x), y)
             if anchor:
@@ -168,8 +172,9 @@ def train(
                 optimizer.step()
                 if masks is not None:
                     apply_mask(model, masks)
-            total_loss += float(loss.detach()) * len(y)
-            total_seen += len(y)
+            if len(y):
+                total_loss += float(loss.detach()) * len(y)
+                total_seen += len(y)
     epsilon: float | None = None
     state: AccountantState | None = None
     if private is not None:

@@ -15,18 +15,17 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_type_hints
 
 from fedprune.codec import CodecConfig, QuantMode
+from fedprune.data import DatasetName, PartitionScheme
+from fedprune.masks import ReconcileRule
+from fedprune.models import ModelName
+from fedprune.privacy import AccountantName
 
 StrategyName = Literal["fedavg", "compressed"]
 InnerStrategyName = Literal[
     "fedavg", "fedavgm", "fedadam", "fedprox", "fedmedian", "fedtrimmedavg", "krum"
 ]
-DatasetName = Literal["digits", "fashion-mnist", "mnist", "cifar10"]
-ModelName = Literal["mlp", "cnn", "resnet18"]
-PartitionScheme = Literal["iid", "dirichlet", "classes"]
 OptimizerName = Literal["sgd", "adam"]
 PruneMethod = Literal["magnitude", "sensitivity"]
-ReconcileRuleName = Literal["majority", "intersection", "union", "topk"]
-AccountantName = Literal["rdp", "prv"]
 
 
 class ConfigError(ValueError):
@@ -77,7 +76,7 @@ class RunConfig:
     prune_method: PruneMethod = "magnitude"
     prune_start_round: int = 1
     prune_end_round: int = 1
-    reconcile_rule: ReconcileRuleName = "topk"
+    reconcile_rule: ReconcileRule = "topk"
     vote_threshold: float = 0.5
     # Payload codec
     quant: QuantMode = "int8-channel"
