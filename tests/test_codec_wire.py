@@ -1,0 +1,168 @@
+"""codec.wire_size against Flower 1.41's real serialization (the one codec test importing flwr).
+
+Findings pinned here: ``ArrayRecord`` does not accept a ``dict[str, np.ndarray]`` (only
+``dict[str, Array]``, a list of ndarrays or a torch ``state_dict``), so a payload is wrapped as
+``ArrayRecord({k: Array(v) for k, v in payload.items()})``; the record keeps key order.
+"""
+
+from __future__ import annotations
+
+import flwr.app.message.array as flwr_array
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+from fedprune import codec
+from fedprune.codec import CodecConfig
+
+
+def to_record(payload: codec.Payload) -> ArrayRecord:
+    return ArrayRecord({key: Array(value) for key, value in payload.items()})
+
+
+def flower_contents(payload: codec.Payload) -> tuple[str, dict[str, bytes]]:
+    """Root object id and ``{object id: deflated bytes}`` of every unique object."""
+    record = to_record(payload)
+    objects = get_all_nested_objects(record)
+    return record.object_id, {oid: obj.deflate() for oid, obj in objects.items()}
+
+
+def flower_wire_size(payload: codec.Payload) -> int:
+    return sum(len(content) for content in flower_contents(payload)[1].values())
+
+
+def through_flower(payload: codec.Payload) -> dict[str, np.ndarray]:
+    """Deflate every object, inflate the record from those bytes, read the arrays back."""
+    root, contents = flower_contents(payload)
+    record = inflate_object_from_contents(root, contents, keep_object_contents=True)
+    assert isinstance(record, ArrayRecord)
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def _model(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "conv.weight": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+        "conv.bias": rng.standard_normal(8).astype(np.float32),
+        "bn.num_batches_tracked": np.array(5.0, np.float32),
+        "fc.weight": rng.standard_normal((10, 72)).astype(np.float32),
+        "fc.bias": np.zeros(10, np.float32),
+        "empty.weight": np.zeros((0, 4), np.float32),
+    }
+
+
+def _payloads() -> dict[str, codec.Payload]:
+    rng = np.random.default_rng(0)
+    model = _model(rng)
+    masks = {
+        "conv.weight": rng.random((8, 3, 3, 3)) < 0.3,
+        "fc.weight": rng.random((10, 72)) < 0.1,
+        "empty.weight": np.zeros((0, 4), bool),
+    }
+    zeros = {"z.weight": np.zeros((40, 30), np.float32), "b": np.ones(3, np.float32)}
+    return {
+        "dense int8-channel": codec.encode(model, CodecConfig()),
+        "dense int8": codec.encode(model, CodecConfig(quant="int8")),
+        "dense float32": codec.encode(model, CodecConfig(quant="none")),
+        "sparse int8-channel": codec.encode(model, CodecConfig(), masks=masks),
+        "sparse cached masks": codec.encode(model, CodecConfig(), masks=masks, send_masks=False),
+        "sparse float32": codec.encode(model, CodecConfig(quant="none"), masks=masks),
+        "entropy": codec.encode(model, CodecConfig(entropy=True), masks=masks),
+        "entropy compressible": codec.encode(
+            zeros, CodecConfig(entropy=True), masks={"z.weight": np.eye(40, 30, dtype=bool)}
+        ),
+        "stochastic": codec.encode(
+            model, CodecConfig(rounding="stochastic"), masks=masks, rng=np.random.default_rng(1)
+        ),
+        "tiny": codec.encode(
+            {"s": np.array(1.5, np.float32), "v": np.ones(1, np.float32)}, CodecConfig()
+        ),
+        "empty": {},
+        "raw model": model,
+        "duplicate arrays": {"a": np.arange(7, dtype=np.int64), "b": np.arange(7, dtype=np.int64)},
+        "odd arrays": {
+            "fortran": np.asfortranarray(rng.standard_normal((5, 7))),
+            "strided": np.arange(40, dtype=np.int16)[::3],
+            "bool": rng.random((3, 5)) < 0.5,
+            "bytes": np.array([b"ab", b"c"]),
+            'unicode name \u00e9"': np.ones(2, np.uint8),
+        },
+    }
+
+
+PAYLOADS = _payloads()
+
+
+@pytest.mark.parametrize("name", list(PAYLOADS))
+def test_wire_size_matches_flower(name: str) -> None:
+    payload = PAYLOADS[name]
+    assert codec.wire_size(payload) == flower_wire_size(payload)
+
+
+NOT_CODEC = ("raw model", "duplicate arrays", "odd arrays")
+
+
+@pytest.mark.parametrize("name", list(PAYLOADS))
+def test_payload_survives_flower_serialization(name: str) -> None:
+    payload = PAYLOADS[name]
+    back = through_flower(payload)
+    assert list(back) == list(payload)  # the record keeps key order
+    for key, value in payload.items():
+        assert back[key].dtype == value.dtype, key
+        assert back[key].shape == value.shape, key
+        np.testing.assert_array_equal(back[key], value)
+    if name in NOT_CODEC:
+        return
+    masks = None
+    if name == "sparse cached masks":
+        masks = codec.payload_masks(PAYLOADS["sparse int8-channel"])
+    expected = codec.decode(payload, masks=masks)
+    got = codec.decode(back, masks=masks)
+    assert list(got) == list(expected)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_array_record_needs_array_values() -> None:
+    with pytest.raises(TypeError):
+        ArrayRecord({"a": np.ones(3, np.float32)})
+
+
+def test_multi_chunk_arrays_with_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Flower reads the chunk size once at import; patch the module global that slices arrays.
+    monkeypatch.setattr(flwr_array, "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", 256)
+    rng = np.random.default_rng(2)
+    payloads: list[dict[str, np.ndarray]] = [
+        {"zeros": np.zeros(1000, np.float32)},  # repeated all-zero chunks within one array
+        {"zeros": np.zeros(1000, np.float32), "zeros_too": np.zeros(1100, np.float32)},
+        {"a": np.zeros(1000, np.float32), "b": np.zeros(1000, np.float32)},  # identical arrays
+        {"r": rng.standard_normal(700).astype(np.float32), "t": np.ones(64, np.int8)},
+        {"exact": np.zeros(256 - 128, np.uint8)},  # npy bytes exactly one chunk
+        {"exact2": np.zeros(512 - 128, np.uint8), "one": np.zeros(128, np.uint8)},
+        codec.encode(
+            {"w": rng.standard_normal((30, 40)).astype(np.float32), "z": np.zeros((50, 50))},
+            CodecConfig(),
+            masks={"w": rng.random((30, 40)) < 0.5, "z": np.ones((50, 50), bool)},
+        ),
+    ]
+    for payload in payloads:
+        assert codec.wire_size(payload, chunk_size=256) == flower_wire_size(payload)
+        back = through_flower(payload)
+        for key, value in payload.items():
+            np.testing.assert_array_equal(back[key], value)
+
+
+def test_tensor_larger_than_a_chunk() -> None:
+    rng = np.random.default_rng(3)
+    big = rng.standard_normal(1_500_000).astype(np.float32)  # 6 MB of float32: 2 chunks of 5 MiB
+    payload = codec.encode(
+        {"big": big, "zeros": np.zeros(3_000_000, np.float32)}, CodecConfig(quant="none")
+    )
+    assert payload["big/values"].nbytes > codec.FLWR_DEFAULT_CHUNK_SIZE
+    assert codec.wire_size(payload) == flower_wire_size(payload)
+    assert codec.wire_size(payload, chunk_size=codec.FLWR_DEFAULT_CHUNK_SIZE) == flower_wire_size(
+        payload
+    )
+    back = through_flower(payload)
+    np.testing.assert_array_equal(codec.decode(back)["big"], big)
