@@ -60,28 +60,28 @@ class RunConfig:
     alpha: float = 0.5
     classes_per_client: int = 2
     # Rounds and sampling
-    num_server_rounds: int = 3
+    num_server_rounds: int = 10
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
     min_train_nodes: int = 2
     # Local training
     local_epochs: int = 1
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.1
     optimizer: OptimizerName = "sgd"
-    momentum: float = 0.0
+    momentum: float = 0.9
     # Pruning
-    target_density: float = 1.0
+    target_density: float = 0.3
     initial_density: float = 1.0
     prune_method: PruneMethod = "magnitude"
     prune_start_round: int = 1
-    prune_end_round: int = 1
+    prune_end_round: int = 5
     reconcile_rule: ReconcileRule = "topk"
     vote_threshold: float = 0.5
     # Payload codec
     quant: QuantMode = "int8-channel"
     entropy: bool = False
-    error_feedback: bool = False
+    error_feedback: bool = True
     # Differential privacy (client-side DP-SGD with Opacus)
     dp: bool = False
     noise_multiplier: float = 0.0

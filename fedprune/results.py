@@ -46,6 +46,8 @@ class RunSummary:
     epsilon: float | None
     wall_s: float
     density: float
+    model_bytes_compact: int
+    compact_accuracy: float
     round_wall_s: list[float]
     config: dict[str, Any]
 
@@ -61,6 +63,8 @@ def summarize(
     num_clients: int,
     records: Sequence[RoundRecord],
     wall_s: float,
+    model_bytes_compact: int,
+    compact_accuracy: float,
 ) -> RunSummary:
     """Fold per-round records into a :class:`RunSummary`."""
     if not records:
@@ -78,6 +82,8 @@ def summarize(
         epsilon=max(epsilons) if epsilons else None,
         wall_s=wall_s,
         density=records[-1].density,
+        model_bytes_compact=model_bytes_compact,
+        compact_accuracy=compact_accuracy,
         round_wall_s=[r.wall_s for r in records],
         config=config,
     )

@@ -251,6 +251,14 @@ def bench_codec() -> dict[str, float]:
     return out
 
 
+@register("dp")
+def bench_dp() -> dict[str, float]:
+    """DP-SGD step time over the plain step (see :mod:`simulations.bench_dp`)."""
+    from simulations.bench_dp import bench_dp as run
+
+    return run()
+
+
 # ==============================================================================================
 # CLI
 # ==============================================================================================

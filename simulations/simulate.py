@@ -21,13 +21,17 @@ from strategies.accounting import RoundTraffic
 from strategies.server_app import make_server_app
 
 
-def backend_config(num_cpus: int | None = None) -> dict[str, Any]:
-    """Ray backend settings: one CPU per virtual client, all of this machine's cores."""
+def backend_config(num_cpus: int | None = None, *, quiet: bool = False) -> dict[str, Any]:
+    """Ray backend settings: one CPU per virtual client, all of this machine's cores.
+
+    With ``quiet`` the ClientApp actors' logs are not forwarded to this process (errors still
+    reach the server as error replies and are logged there).
+    """
     cpus = num_cpus or os.cpu_count() or 1
-    return {
-        "init_args": {"num_cpus": cpus, "include_dashboard": False},
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-    }
+    init_args: dict[str, Any] = {"num_cpus": cpus, "include_dashboard": False}
+    if quiet:
+        init_args["log_to_driver"] = False
+    return {"init_args": init_args, "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 
 
 def simulate(
@@ -36,6 +40,7 @@ def simulate(
     num_supernodes: int,
     on_round_end: Callable[[RoundTraffic], None] | None = None,
     num_cpus: int | None = None,
+    quiet: bool = False,
 ) -> RunSummary:
     """Run ``cfg`` on ``num_supernodes`` virtual SuperNodes and return what was measured.
 
@@ -51,7 +56,7 @@ def simulate(
         server_app=server_app,
         client_app=make_client_app(cfg),
         num_supernodes=num_supernodes,
-        backend_config=backend_config(num_cpus),
+        backend_config=backend_config(num_cpus, quiet=quiet),
     )
     if not summaries:
         raise RuntimeError(f"run {cfg.run_name!r} ended without a result; see the log above")

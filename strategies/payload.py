@@ -59,7 +59,7 @@ class CompressedPayload(Strategy):
         self.num_rejected: dict[int, int] = {}
 
     # -- downlink ---------------------------------------------------------------------------
-    def _encode(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
+    def encode_messages(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
         """Replace each message's float32 arrays by the encoded global weights."""
         self._global = from_record(arrays)
         encoded: dict[tuple[int, bool], ArrayRecord] = {}
@@ -111,17 +111,17 @@ class CompressedPayload(Strategy):
     ) -> Iterable[Message]:
         """Configure training with the inner strategy, then encode the downlink."""
         messages = self.strategy.configure_train(server_round, arrays, config, grid)
-        return self._encode(messages, arrays)
+        return self.encode_messages(messages, arrays)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Configure evaluation with the inner strategy, then encode the downlink."""
         messages = self.strategy.configure_evaluate(server_round, arrays, config, grid)
-        return self._encode(messages, arrays)
+        return self.encode_messages(messages, arrays)
 
     # -- uplink -----------------------------------------------------------------------------
-    def _decode_reply(self, reply: Message) -> None:
+    def decode_reply(self, reply: Message) -> None:
         """Decode ``reply`` in place: delta payload -> float32 weights, vote -> floats/bools.
 
         Raises
@@ -171,7 +171,7 @@ class CompressedPayload(Strategy):
         for reply in replies:
             if not reply.has_error():
                 try:
-                    self._decode_reply(reply)
+                    self.decode_reply(reply)
                 except ValueError as err:
                     rejected += 1
                     log(

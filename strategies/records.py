@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Wrap ``arrays`` in an ``ArrayRecord``, keeping key order."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+    return ArrayRecord({name: Array(np.require(a, requirements="C")) for name, a in arrays.items()})
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:

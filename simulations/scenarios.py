@@ -1,0 +1,118 @@
+"""Named comparison scenarios: one dataset and federation, several strategy rows.
+
+Every row of a scenario shares the scenario's base config (same seed, same partition, same
+rounds); a row only changes how the model is compressed, pruned or privatised. Run one with::
+
+    python -m simulations.compare --scenario fashion-mnist
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedprune.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Row:
+    """One strategy of a comparison: a name and the config keys it changes."""
+
+    name: str
+    changes: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A dataset, a federation and the strategies compared on it."""
+
+    name: str
+    description: str
+    num_clients: int
+    target_accuracy: float
+    base: dict[str, Any]
+    rows: tuple[Row, ...] = field(default_factory=tuple)
+
+    def config(self, row: Row, results_dir: str, rounds: int | None = None) -> RunConfig:
+        """Return the validated config of ``row`` (``rounds`` overrides the round count)."""
+        values = {**self.base, **row.changes, "run-name": row.name, "results-dir": results_dir}
+        if rounds is not None:
+            values["num-server-rounds"] = rounds
+            values["prune-end-round"] = min(int(values.get("prune-end-round", 1)), rounds)
+        return RunConfig.from_mapping(values)
+
+
+FEDAVG = "fedavg-fp32"
+"""The baseline row every scenario starts with (stock FedAvg, dense float32)."""
+
+_DENSE_FP32 = {"strategy": "fedavg", "target-density": 1.0, "error-feedback": False}
+
+
+def _rows(prune_end: int, dp_epsilon: float) -> tuple[Row, ...]:
+    """Return the standard rows, pruning on a schedule that reaches its density at ``prune_end``."""
+    prune = {"prune-start-round": 1, "prune-end-round": prune_end, "reconcile-rule": "topk"}
+    return (
+        Row(FEDAVG, _DENSE_FP32),
+        Row("fedavg-int8", {"quant": "int8-channel", "target-density": 1.0}),
+        Row("d0.3-fp32", {**prune, "quant": "none", "target-density": 0.3}),
+        Row("d0.3-int8", {**prune, "quant": "int8-channel", "target-density": 0.3}),
+        Row(
+            "d0.1-int8-zlib-ef",
+            {**prune, "quant": "int8-channel", "target-density": 0.1, "entropy": True},
+        ),
+        Row(
+            f"d0.3-int8-dp-eps{dp_epsilon:g}",
+            {
+                **prune,
+                "quant": "int8-channel",
+                "target-density": 0.3,
+                "dp": True,
+                "target-epsilon": dp_epsilon,
+                "max-grad-norm": 1.0,
+            },
+        ),
+    )
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "demo": Scenario(
+        name="demo",
+        description="digits (bundled), 10 clients, Dirichlet 0.5, MLP 64-200-200-10",
+        num_clients=10,
+        target_accuracy=0.85,
+        base={
+            "dataset": "digits",
+            "model": "mlp",
+            "partitioning": "dirichlet",
+            "alpha": 0.5,
+            "num-server-rounds": 20,
+            "local-epochs": 1,
+            "batch-size": 16,
+            "lr": 0.1,
+            "momentum": 0.9,
+            "error-feedback": True,
+            "seed": 0,
+        },
+        rows=_rows(prune_end=6, dp_epsilon=8.0),
+    ),
+    "fashion-mnist": Scenario(
+        name="fashion-mnist",
+        description="Fashion-MNIST, 10 clients, Dirichlet 0.5, MLP 784-200-200-10",
+        num_clients=10,
+        target_accuracy=0.80,
+        base={
+            "dataset": "fashion-mnist",
+            "model": "mlp",
+            "partitioning": "dirichlet",
+            "alpha": 0.5,
+            "num-server-rounds": 30,
+            "local-epochs": 1,
+            "batch-size": 32,
+            "lr": 0.05,
+            "momentum": 0.0,
+            "error-feedback": True,
+            "seed": 0,
+        },
+        rows=_rows(prune_end=10, dp_epsilon=8.0),
+    ),
+}

@@ -1,0 +1,56 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedprune.config import ConfigError, RunConfig
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def test_pyproject_app_config_equals_the_defaults() -> None:
+    config = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert RunConfig.from_mapping(config) == RunConfig()
+    assert set(config) == set(RunConfig().to_mapping())
+
+
+def test_round_trip_through_the_flat_mapping() -> None:
+    cfg = RunConfig(dataset="fashion-mnist", lr=0.01, dp=True, noise_multiplier=1.1)
+    assert RunConfig.from_mapping(cfg.to_mapping()) == cfg
+
+
+def test_ints_are_accepted_as_floats() -> None:
+    assert RunConfig.from_mapping({"lr": 1}).lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"learning-rate": 0.1}, "learning-rate"),
+        ({"lr": "fast"}, "lr"),
+        ({"lr": True}, "lr"),
+        ({"num-server-rounds": 2.5}, "num-server-rounds"),
+        ({"entropy": 1}, "entropy"),
+        ({"quant": "int4"}, "quant"),
+        ({"lr": -0.1}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"target-density": 0.0}, "target-density"),
+        ({"target-density": 0.5, "initial-density": 0.4}, "initial-density"),
+        ({"prune-start-round": 3, "prune-end-round": 2}, "prune-end-round"),
+        ({"fraction-train": 1.5}, "fraction-train"),
+        ({"run-name": "../escape"}, "run-name"),
+        ({"strategy": "fedavg"}, "target-density"),
+        ({"dp": True}, "noise-multiplier"),
+        ({"dp": True, "noise-multiplier": 1.0, "target-epsilon": 3.0}, "noise-multiplier"),
+        ({"dp": True, "noise-multiplier": 1.0, "inner-strategy": "fedprox"}, "inner-strategy"),
+        ({"dp": True, "noise-multiplier": 1.0, "prune-method": "sensitivity"}, "prune-method"),
+    ],
+)
+def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        RunConfig.from_mapping(values)
+
+
+def test_fedavg_baseline_is_dense() -> None:
+    cfg = RunConfig.from_mapping({"strategy": "fedavg", "target-density": 1.0})
+    assert not cfg.compressed

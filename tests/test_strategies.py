@@ -1,0 +1,248 @@
+"""The server wrappers on real Flower messages and a real inner FedAvg (no network needed)."""
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedprune import codec, keys
+from fedprune.masks import ReconcileConfig
+from strategies.accounting import WireAccounting, message_wire_bytes, object_tree_bytes
+from strategies.masking import DensitySchedule, MaskReconciliation
+from strategies.payload import CompressedPayload
+from strategies.records import from_record, to_record
+
+INT8 = codec.CodecConfig(quant="int8-channel")
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> Iterator[None]:
+    """What a ServerApp process has: its run, node and task identity."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class StaticGrid(Grid):
+    """A grid with a fixed set of connected nodes; it only answers node queries."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def get_nodes(self):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+class RecordingFedAvg(FedAvg):
+    """Stock FedAvg that keeps what it was asked to aggregate."""
+
+    seen: list[dict[str, np.ndarray]]
+
+    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+        replies = list(replies)
+        self.seen = [from_record(r.content.array_records[keys.ARRAYS]) for r in replies]
+        return super().aggregate_train(server_round, replies)
+
+
+GLOBAL = {
+    "w": np.array([[1.0, -2.0, 0.5], [0.25, 4.0, -1.0]], dtype=np.float32),
+    "b": np.array([0.0, 1.0], dtype=np.float32),
+}
+
+
+def downlink(wrapper: CompressedPayload, nodes: list[int], **config: object) -> list[Message]:
+    config_record = ConfigRecord({keys.SERVER_ROUND: 1, **config})  # type: ignore[dict-item]
+    record = RecordDict({keys.ARRAYS: to_record(GLOBAL), keys.CONFIG: config_record})
+    messages = [
+        Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes
+    ]
+    return wrapper.encode_messages(messages, to_record(GLOBAL))
+
+
+def reply(to: Message, delta: dict[str, np.ndarray], n: int) -> Message:
+    content = RecordDict(
+        {
+            keys.ARRAYS: to_record(codec.encode(delta, INT8)),
+            keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n}),
+        }
+    )
+    return Message(content=content, reply_to=to)
+
+
+def test_replies_are_decoded_and_reconstructed_before_averaging() -> None:
+    inner = RecordingFedAvg()
+    wrapper = CompressedPayload(inner, INT8, np.random.default_rng(0))
+    sent = downlink(wrapper, [11, 12])
+    d1 = {"w": np.full((2, 3), 0.1, np.float32), "b": np.array([0.5, -0.5], np.float32)}
+    d2 = {"w": np.full((2, 3), -0.3, np.float32), "b": np.array([1.0, 2.0], np.float32)}
+    arrays, metrics = wrapper.aggregate_train(1, [reply(sent[0], d1, 1), reply(sent[1], d2, 3)])
+    assert arrays is not None and metrics is not None
+    # The inner strategy saw float32 models g + delta, never codes or scales.
+    for seen in inner.seen:
+        assert list(seen) == ["w", "b"]
+        assert all(a.dtype == np.float32 for a in seen.values())
+    np.testing.assert_allclose(inner.seen[0]["w"], GLOBAL["w"] + 0.1, atol=1e-6)
+    # Example-weighted average of the reconstructed models, by hand: (1 * m1 + 3 * m2) / 4.
+    got = from_record(arrays)
+    np.testing.assert_allclose(got["w"], GLOBAL["w"] + (0.1 - 3 * 0.3) / 4, atol=1e-6)
+    np.testing.assert_allclose(
+        got["b"], GLOBAL["b"] + [(0.5 + 3.0) / 4, (-0.5 + 6.0) / 4], atol=1e-2
+    )
+    assert metrics[keys.NUM_REJECTED] == 0
+
+
+def test_a_malformed_reply_is_dropped_and_the_round_goes_on() -> None:
+    inner = RecordingFedAvg()
+    wrapper = CompressedPayload(inner, INT8, np.random.default_rng(0))
+    sent = downlink(wrapper, [11, 12])
+    good = reply(sent[0], {"w": np.zeros((2, 3), np.float32), "b": np.ones(2, np.float32)}, 5)
+    bad = reply(sent[1], {"w": np.zeros((2, 3), np.float32), "b": np.ones(2, np.float32)}, 5)
+    codes = from_record(bad.content.array_records[keys.ARRAYS])
+    codes["w/codes"] = codes["w/codes"][:-1]  # one code short
+    bad.content[keys.ARRAYS] = to_record(codes)
+    arrays, metrics = wrapper.aggregate_train(1, [good, bad])
+    assert arrays is not None and metrics is not None
+    assert metrics[keys.NUM_REJECTED] == 1
+    assert len(inner.seen) == 1
+    np.testing.assert_allclose(from_record(arrays)["b"], GLOBAL["b"] + 1.0, atol=1e-6)
+
+
+def test_mask_bits_travel_only_to_nodes_without_the_current_version() -> None:
+    wrapper = CompressedPayload(RecordingFedAvg(), INT8, np.random.default_rng(0))
+    mask = {"w": np.array([[True, False, True], [False, True, False]])}
+
+    def round_messages(version: int) -> list[Message]:
+        config_record = ConfigRecord({keys.SERVER_ROUND: 1, keys.MASK_VERSION: version})
+        record = RecordDict(
+            {
+                keys.ARRAYS: to_record(GLOBAL),
+                keys.CONFIG: config_record,
+                keys.GLOBAL_MASK: to_record(mask),
+            }
+        )
+        messages = [
+            Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN) for n in (1, 2)
+        ]
+        return wrapper.encode_messages(messages, to_record(GLOBAL))
+
+    first = round_messages(version=1)
+    carried = [
+        codec.payload_masks(from_record(m.content.array_records[keys.ARRAYS])) for m in first
+    ]
+    assert all(np.array_equal(c["w"], mask["w"]) for c in carried)
+    delta = {"w": np.where(mask["w"], 0.5, 0.0).astype(np.float32), "b": np.zeros(2, np.float32)}
+    only_node_1 = Message(
+        content=RecordDict(
+            {
+                keys.ARRAYS: to_record(codec.encode(delta, INT8, masks=mask, send_masks=False)),
+                keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 1}),
+            }
+        ),
+        reply_to=first[0],
+    )
+    arrays, _ = wrapper.aggregate_train(1, [only_node_1])
+    assert arrays is not None
+    second = round_messages(version=1)
+    payloads = [from_record(m.content.array_records[keys.ARRAYS]) for m in second]
+    assert codec.payload_masks(payloads[0]) == {}  # node 1 holds v1
+    assert np.array_equal(codec.payload_masks(payloads[1])["w"], mask["w"])  # node 2 does not
+    # Without the bits the payload is smaller, and it decodes with the cached mask.
+    assert codec.wire_size(payloads[0]) < codec.wire_size(payloads[1])
+    decoded = codec.decode(payloads[0], masks=mask)
+    assert np.all(decoded["w"][~mask["w"]] == 0.0)
+
+
+def test_mask_reconciliation_reaches_the_scheduled_density_and_zeroes_pruned_weights() -> None:
+    rng = np.random.default_rng(3)
+    weights = {"w": rng.normal(size=(8, 10)).astype(np.float32), "b": np.ones(8, np.float32)}
+    inner = FedAvg(min_available_nodes=2, min_train_nodes=2)
+    masking = MaskReconciliation(
+        inner,
+        ["w"],
+        DensitySchedule(initial=1.0, final=0.25, start_round=1, end_round=1),
+        ReconcileConfig(rule="topk"),
+    )
+    messages = list(
+        masking.configure_train(1, to_record(weights), ConfigRecord(), StaticGrid([1, 2]))
+    )
+    config = messages[0].content.config_records[keys.CONFIG]
+    assert config[keys.VOTE] == "scores" and config[keys.DENSITY] == 0.25
+    replies = []
+    for message, n in zip(messages, (1, 3), strict=True):
+        content = RecordDict(
+            {
+                keys.ARRAYS: to_record(weights),
+                keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n}),
+                keys.MASK_VOTE: to_record({"w": np.abs(weights["w"])}),
+            }
+        )
+        replies.append(Message(content=content, reply_to=message))
+    arrays, metrics = masking.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None and masking.mask is not None
+    assert masking.mask["w"].sum() == 20  # exactly round(0.25 * 80)
+    assert metrics[keys.DENSITY] == 0.25
+    assert masking.version == 2
+    got = from_record(arrays)["w"]
+    assert np.all(got[~masking.mask["w"]] == 0.0)
+    kept = np.abs(weights["w"])[masking.mask["w"]]
+    assert kept.min() >= np.abs(weights["w"])[~masking.mask["w"]].max()
+    np.testing.assert_array_equal(got[masking.mask["w"]], weights["w"][masking.mask["w"]])
+
+
+def test_wire_accounting_counts_each_receiver_and_matches_flowers_serialization() -> None:
+    wrapper = CompressedPayload(RecordingFedAvg(), INT8, np.random.default_rng(0))
+    accounting = WireAccounting(wrapper)
+    sent = downlink(wrapper, [1, 2, 3])
+    one = object_tree_bytes(sent[0])
+    assert message_wire_bytes(sent) == sum(object_tree_bytes(m) for m in sent)
+    assert 3 * one - 64 <= message_wire_bytes(sent) <= 3 * one + 64  # metadata differs slightly
+    # The encoded arrays are the bulk of it, and codec.wire_size predicts them exactly.
+    payload = from_record(sent[0].content.array_records[keys.ARRAYS])
+    assert codec.wire_size(payload) == object_tree_bytes(sent[0].content.array_records[keys.ARRAYS])
+    replies = [
+        reply(m, {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}, 1) for m in sent
+    ]
+    expected_up = message_wire_bytes(replies)  # before the wrapper decodes them in place
+    _, metrics = accounting.aggregate_train(1, replies)
+    assert metrics is not None
+    assert metrics[keys.BYTES_UP] == expected_up
+
+
+def test_records_round_trip_keeps_shapes_dtypes_and_order() -> None:
+    arrays = {
+        "z": np.array("rdp"),  # 0-d (accountant state)
+        "a": np.arange(6, dtype=np.int8).reshape(2, 3)[:, ::2],  # non-contiguous view
+        "m": np.array([True, False]),
+    }
+    back = from_record(to_record(arrays))
+    assert list(back) == ["z", "a", "m"]
+    for name, a in arrays.items():
+        assert back[name].shape == a.shape and back[name].dtype == a.dtype
+        np.testing.assert_array_equal(back[name], a)
