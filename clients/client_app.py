@@ -24,6 +24,9 @@ from fedprune.config import RunConfig
 from fedprune.models import set_weights
 from strategies.records import from_record, scalar, to_record
 
+VOTE_CODEC = codec.CodecConfig(quant="int8-channel")
+"""Scores only rank entries: int8 per channel is plenty, whatever the run's payload codec."""
+
 
 def node_partition(context: Context) -> tuple[int, int]:
     """Return (partition id, number of partitions) from the node config, validated."""
@@ -116,7 +119,11 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         ),
     )
     metrics = MetricRecord(
-        {keys.NUM_EXAMPLES: result.num_examples, keys.TRAIN_LOSS: result.train_loss}
+        {
+            keys.NUM_EXAMPLES: result.num_examples,
+            keys.TRAIN_LOSS: result.train_loss,
+            keys.SERVER_ROUND: server_round,
+        }
     )
     if result.epsilon is not None and result.accountant_state is not None:
         metrics[keys.EPSILON] = result.epsilon
@@ -141,7 +148,7 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             server_round=server_round,
         )
         if kind == "scores":
-            vote_payload = codec.encode(ballot, cfg.codec(), masks=masks, send_masks=False)
+            vote_payload = codec.encode(ballot, VOTE_CODEC, masks=masks, send_masks=False)
         else:
             vote_payload = {name: codec.pack_mask(m) for name, m in ballot.items()}
         content[keys.MASK_VOTE] = to_record(vote_payload)

@@ -17,12 +17,29 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
-from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from simulations.report import Outcome, plot_accuracy_vs_mb, summary_rows, write_summary
 from simulations.scenarios import FEDAVG, SCENARIOS, Scenario
 from simulations.simulate import simulate
+
+
+class _DropKnownNotices(logging.Filter):
+    """Drop Flower's notices that say nothing about this run (one per row otherwise)."""
+
+    NOTICES = ("DEPRECATED FEATURE", "Federated evaluation will be skipped")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(notice in message for notice in self.NOTICES)
+
+
+def quiet_flower_logs() -> None:
+    """Show only Flower's warnings and errors, minus the known notices, under the progress bar."""
+    logger = logging.getLogger("flwr")
+    logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _DropKnownNotices) for f in logger.filters):
+        logger.addFilter(_DropKnownNotices())
 
 
 def compare(
@@ -62,7 +79,7 @@ def compare(
     directory = out / scenario.name
     configs = [scenario.config(row, str(directory), rounds) for row in selected]
     outcomes: list[Outcome] = []
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    quiet_flower_logs()
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -88,7 +105,8 @@ def compare(
         outcomes,
         f"{scenario.description}, {configs[0].num_server_rounds} rounds",
     )
-    console.print(Markdown(f"### {scenario.name}: {scenario.description}\n\n{table}"))
+    console.print(f"\n{scenario.name}: {scenario.description}\n", soft_wrap=True)
+    console.print(table, soft_wrap=True, markup=False, highlight=False)
     console.print(
         f"target accuracy for bytes_to_target: {scenario.target_accuracy}; outputs in {directory}/"
     )

@@ -50,6 +50,8 @@ def simulate(
         raise ValueError(
             f"num_supernodes={num_supernodes} is below min-train-nodes={cfg.min_train_nodes}"
         )
+    # Keep Ray from warning, on every run, about a GPU setting of a future release.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     summaries: list[RunSummary] = []
     server_app = make_server_app(cfg, on_round_end=on_round_end, on_done=summaries.append)
     run_simulation(

@@ -2,8 +2,8 @@
 
 The composition, outermost first::
 
-    WireAccounting( CompressedPayload( MaskReconciliation( inner ) ) )   # strategy = "compressed"
-    WireAccounting( inner )                                              # strategy = "fedavg"
+    WireAccounting(CompressedPayload(ReplyValidation(MaskReconciliation(inner))))  # "compressed"
+    WireAccounting(ReplyValidation(inner))                                         # "fedavg"
 
 ``inner`` is any Message-API strategy from ``flwr.serverapp.strategy`` (FedAvg, FedAvgM, FedAdam,
 FedProx, FedMedian, FedTrimmedAvg, Krum). It only ever sees float32 weights.
@@ -36,6 +36,7 @@ from strategies.accounting import WireAccounting
 from strategies.masking import DensitySchedule, MaskReconciliation
 from strategies.payload import CompressedPayload
 from strategies.records import scalar
+from strategies.validation import ReplyLimits, ReplyValidation
 
 
 def aggregate_train_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -113,8 +114,9 @@ def build_strategy(
         Randomness for the downlink encoder (stochastic rounding).
     """
     inner = build_inner(cfg)
+    limits = ReplyLimits(min_replies=cfg.min_train_nodes)
     if not cfg.compressed:
-        return BuiltStrategy(WireAccounting(inner), None, None)
+        return BuiltStrategy(WireAccounting(ReplyValidation(inner, limits)), None, None)
     masking: MaskReconciliation | None = None
     if cfg.target_density < 1.0:
         masking = MaskReconciliation(
@@ -129,5 +131,5 @@ def build_strategy(
             ReconcileConfig(rule=cfg.reconcile_rule, threshold=cfg.vote_threshold),
         )
         inner = masking
-    payload = CompressedPayload(inner, cfg.codec(), rng)
+    payload = CompressedPayload(ReplyValidation(inner, limits), cfg.codec(), rng)
     return BuiltStrategy(WireAccounting(payload), payload, masking)

@@ -1,0 +1,146 @@
+"""ReplyValidation: each bad input is dropped and the aggregate equals the run without it."""
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import FedAvg
+
+from fedprune import keys
+from strategies.records import from_record, to_record
+from strategies.validation import ReplyLimits, ReplyValidation
+from tests.support import StaticGrid, server_task_identity
+
+GLOBAL = {
+    "w": np.arange(6, dtype=np.float32).reshape(2, 3),
+    "b": np.array([0.5, -0.5], dtype=np.float32),
+}
+
+
+@pytest.fixture(autouse=True)
+def _identity() -> Iterator[None]:
+    with server_task_identity():
+        yield
+
+
+def configure(strategy: ReplyValidation, nodes: list[int]) -> list[Message]:
+    return list(strategy.configure_train(1, to_record(GLOBAL), ConfigRecord(), StaticGrid(nodes)))
+
+
+def good(to: Message, shift: float, n: int = 10) -> Message:
+    arrays = {k: v + np.float32(shift) for k, v in GLOBAL.items()}
+    metrics = MetricRecord({keys.NUM_EXAMPLES: n, keys.SERVER_ROUND: 1})
+    return Message(
+        content=RecordDict({keys.ARRAYS: to_record(arrays), keys.METRICS: metrics}), reply_to=to
+    )
+
+
+def with_arrays(arrays: dict[str, np.ndarray]) -> Callable[[Message], None]:
+    def edit(reply: Message) -> None:
+        reply.content[keys.ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+    return edit
+
+
+def with_metric(key: str, value: object) -> Callable[[Message], None]:
+    def edit(reply: Message) -> None:
+        reply.content[keys.METRICS][key] = value  # type: ignore[assignment]
+
+    return edit
+
+
+def without(record: str) -> Callable[[Message], None]:
+    def edit(reply: Message) -> None:
+        del reply.content[record]
+
+    return edit
+
+
+NAN_W = GLOBAL["w"].copy()
+NAN_W[0, 0] = np.nan
+
+BAD_INPUTS: dict[str, Callable[[Message], None]] = {
+    "nan": with_arrays({"w": NAN_W, "b": GLOBAL["b"]}),
+    "inf": with_arrays({"w": GLOBAL["w"], "b": np.array([np.inf, 0], np.float32)}),
+    "wrong-shape": with_arrays({"w": GLOBAL["w"].T.copy(), "b": GLOBAL["b"]}),
+    "wrong-dtype": with_arrays({"w": GLOBAL["w"].astype(np.float64), "b": GLOBAL["b"]}),
+    "missing-tensor": with_arrays({"w": GLOBAL["w"]}),
+    "extra-tensor": with_arrays({**GLOBAL, "x": np.zeros(1, np.float32)}),
+    "int8-codes": with_arrays({k: np.ones(v.shape, np.int8) for k, v in GLOBAL.items()}),
+    "zero-examples": with_metric(keys.NUM_EXAMPLES, 0),
+    "negative-examples": with_metric(keys.NUM_EXAMPLES, -5),
+    "huge-examples": with_metric(keys.NUM_EXAMPLES, 10**9),
+    "float-examples": with_metric(keys.NUM_EXAMPLES, 2.5),
+    "stale-round": with_metric(keys.SERVER_ROUND, 0),
+    "no-arrays": without(keys.ARRAYS),
+    "no-metrics": without(keys.METRICS),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+def test_a_bad_reply_is_dropped_and_the_model_equals_the_run_without_it(kind: str) -> None:
+    def aggregate(with_bad: bool) -> tuple[dict[str, np.ndarray], MetricRecord]:
+        strategy = ReplyValidation(FedAvg(), ReplyLimits(min_replies=2))
+        sent = configure(strategy, [1, 2, 3])
+        replies = [good(sent[0], 1.0, n=10), good(sent[1], 3.0, n=30)]
+        if with_bad:
+            bad = good(sent[2], 100.0, n=10)
+            BAD_INPUTS[kind](bad)
+            replies.append(bad)
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        assert arrays is not None and metrics is not None
+        return from_record(arrays), metrics
+
+    clean, _ = aggregate(with_bad=False)
+    got, metrics = aggregate(with_bad=True)
+    assert metrics[keys.NUM_REJECTED] == 1
+    for name in GLOBAL:
+        np.testing.assert_array_equal(got[name], clean[name])
+    np.testing.assert_allclose(clean["w"], GLOBAL["w"] + 2.5)  # (10 * 1 + 30 * 3) / 40
+
+
+def test_a_duplicate_reply_from_one_node_counts_once() -> None:
+    strategy = ReplyValidation(FedAvg(), ReplyLimits(min_replies=1))
+    sent = configure(strategy, [1, 2])
+    arrays, metrics = strategy.aggregate_train(
+        1, [good(sent[0], 1.0), good(sent[0], 9.0), good(sent[1], 3.0)]
+    )
+    assert arrays is not None and metrics is not None
+    assert metrics[keys.NUM_REJECTED] == 1
+    np.testing.assert_allclose(from_record(arrays)["w"], GLOBAL["w"] + 2.0)
+
+
+def test_too_few_valid_replies_skip_the_round() -> None:
+    strategy = ReplyValidation(FedAvg(), ReplyLimits(min_replies=2))
+    sent = configure(strategy, [1, 2])
+    bad = good(sent[1], 0.0)
+    BAD_INPUTS["nan"](bad)
+    arrays, metrics = strategy.aggregate_train(1, [good(sent[0], 1.0), bad])
+    assert arrays is None  # Strategy.start keeps the previous global model
+    assert metrics is not None and metrics[keys.NUM_REJECTED] == 1
+
+
+def test_every_failure_reason_is_recorded() -> None:
+    strategy = ReplyValidation(FedAvg(), ReplyLimits(min_replies=1))
+    sent = configure(strategy, [1, 2])
+    bad = good(sent[1], 0.0)
+    BAD_INPUTS["wrong-shape"](bad)
+    strategy.aggregate_train(1, [good(sent[0], 1.0), bad])
+    assert len(strategy.rejected[1]) == 1
+    assert "'w' is float32[3, 2], expected float32[2, 3]" in strategy.rejected[1][0]
+
+
+def test_replies_to_every_node_are_configured_with_the_global_model() -> None:
+    strategy = ReplyValidation(FedAvg(), ReplyLimits())
+    sent = configure(strategy, [1, 2, 3])
+    assert sorted(m.metadata.dst_node_id for m in sent) == [1, 2, 3]
+    assert all(m.metadata.message_type == MessageType.TRAIN for m in sent)
