@@ -1,29 +1,45 @@
 """Payload codec: int8 quantization, bit-packed pruning masks, sparse payloads, wire size.
 
 A *payload* is a flat ``dict[str, np.ndarray]`` that maps 1:1 onto a Flower ``ArrayRecord``
-(wrap each value in ``Array``). Every tensor ``<name>`` contributes the keys
-``<name>/<field>`` for the fields below, in this order:
+(wrap each value in ``Array``). It holds a **fixed, small set of arrays whatever the number of
+tensors**: one array per field, the tensors' data concatenated in tensor order. Flower frames
+every array with a few hundred bytes (npy header, ``Array`` and ``ArrayChunk`` objects with
+64-hex ids, an ``ArrayRecord`` entry), so one array per tensor and field would cost 10-25 % of a
+sparse int8 payload of a small model. The keys, in this order:
 
 ``meta`` (int64, always)
-    ``[FORMAT_VERSION, flags, n_values, ndim, *shape]``. ``flags`` holds the quantization
-    mode actually used (:data:`QUANT_BITS`) and the ``FLAG_*`` bits; ``n_values`` is the number
-    of transmitted entries (the mask popcount for a sparse tensor, else the tensor size).
+    ``[FORMAT_VERSION, flags, n_tensors]`` followed, per tensor, by
+    ``[tensor_flags, n_values, ndim, *shape]``. ``flags`` holds the payload's quantization mode
+    (``flags & QUANT_BITS``: the :class:`CodecConfig` ``quant``) and the entropy-stage bits
+    :data:`FLAG_CODES_ZLIB` / :data:`FLAG_MASK_ZLIB`; ``tensor_flags`` holds the mode actually
+    used for the tensor (:data:`QUANT_BITS`) and :data:`FLAG_MASKED` /
+    :data:`FLAG_MASK_SENT`; ``n_values`` is the number of transmitted entries (the mask
+    popcount for a sparse tensor, else the tensor size).
+``names`` (uint8, always)
+    The UTF-8 tensor names joined by a newline (:data:`NAME_SEP`; names may not contain it):
+    exactly ``n_tensors`` distinct names, validated against ``meta`` on decode.
 ``codes`` (int8, or uint8 when zlib-compressed; int8 modes)
-    The codes of the kept entries in C order, in ``[-127, 127]``; ``decode = code * scale``.
+    All tensors' codes of the kept entries, each tensor in C order, concatenated; in
+    ``[-127, 127]``; ``decode = code * scale``.
 ``scale`` (float32; int8 modes)
-    Step sizes, finite and ``> 0``: one per output channel (axis 0) in ``"int8-channel"``
-    mode for tensors with ``ndim >= 2``, else one for the whole tensor. 0-d and 1-D tensors
-    (biases, norm parameters) are therefore quantized per tensor in ``"int8-channel"`` mode;
-    their ``meta`` records that. A channel with no kept entry or only zeros has scale ``1.0``.
+    All step sizes concatenated, finite and ``> 0``: one per output channel (axis 0) in
+    ``"int8-channel"`` mode for tensors with ``ndim >= 2``, else one for the whole tensor. 0-d
+    and 1-D tensors (biases, norm parameters) are therefore quantized per tensor in
+    ``"int8-channel"`` mode; their ``tensor_flags`` record that. A channel with no kept entry or
+    only zeros has scale ``1.0``.
 ``values`` (float32, or uint8 when zlib-compressed; ``quant="none"``)
-    The kept entries themselves.
-``mask`` (uint8; sparse tensors encoded with ``send_masks=True``)
-    ``np.packbits`` of the flattened boolean mask (shape in ``meta``), possibly zlib-compressed.
+    All tensors' kept entries themselves, concatenated.
+``mask`` (uint8; only when at least one tensor has :data:`FLAG_MASK_SENT`)
+    ``np.packbits`` of the concatenation of the flattened (C order) boolean masks of the sparse
+    tensors encoded with ``send_masks=True``, in tensor order (bits are not byte-aligned per
+    tensor; the last byte is zero padded), possibly zlib-compressed.
 
 For one :class:`CodecConfig`, one set of masked tensor names and one ``send_masks`` flag every
-encoder produces the same key set, whatever the values (only dtypes and lengths of the streams
-may differ, e.g. compressed vs not). The entropy stage compresses each code/value stream and each
-mask stream with zlib and keeps the result only when the stream's serialized size shrinks.
+encoder produces the same key set, whatever the values: ``meta``, ``names``, then ``codes`` and
+``scale`` (int8 modes) or ``values``, then ``mask`` iff a masked tensor is sent with its bits
+(only dtypes and lengths of the streams may differ, e.g. compressed vs not). The entropy stage
+compresses the whole code/value stream and the whole mask stream with zlib and keeps each result
+only when that stream's serialized size shrinks.
 
 :func:`wire_size` reproduces the byte count of Flower 1.41's serialization of the payload's
 ``ArrayRecord`` without importing Flower. This module is pure numpy and never imports ``flwr``.
@@ -47,11 +63,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
-    "FIELD_CODES",
-    "FIELD_MASK",
-    "FIELD_META",
-    "FIELD_SCALE",
-    "FIELD_VALUES",
     "FLAG_CODES_ZLIB",
     "FLAG_MASKED",
     "FLAG_MASK_SENT",
@@ -59,7 +70,13 @@ __all__ = [
     "FLWR_CHUNK_SIZE_ENV",
     "FLWR_DEFAULT_CHUNK_SIZE",
     "FORMAT_VERSION",
-    "KEY_SEP",
+    "KEY_CODES",
+    "KEY_MASK",
+    "KEY_META",
+    "KEY_NAMES",
+    "KEY_SCALE",
+    "KEY_VALUES",
+    "NAME_SEP",
     "QMAX",
     "QUANT_BITS",
     "ZLIB_LEVEL",
@@ -83,36 +100,45 @@ RoundingMode = Literal["nearest", "stochastic"]
 Payload: TypeAlias = dict[str, np.ndarray]
 
 # -- Payload layout ----------------------------------------------------------------------------
-KEY_SEP: Final = "/"
-"""Separator between the tensor name and the field name in a payload key."""
-FIELD_META: Final = "meta"
-FIELD_CODES: Final = "codes"
-FIELD_SCALE: Final = "scale"
-FIELD_VALUES: Final = "values"
-FIELD_MASK: Final = "mask"
-_FIELDS: Final = frozenset({FIELD_META, FIELD_CODES, FIELD_SCALE, FIELD_VALUES, FIELD_MASK})
+KEY_META: Final = "meta"
+KEY_NAMES: Final = "names"
+KEY_CODES: Final = "codes"
+KEY_SCALE: Final = "scale"
+KEY_VALUES: Final = "values"
+KEY_MASK: Final = "mask"
+_KEY_ORDER: Final = (KEY_META, KEY_NAMES, KEY_CODES, KEY_SCALE, KEY_VALUES, KEY_MASK)
+"""Every payload key, in the order :func:`encode` writes them."""
+NAME_SEP: Final = "\n"
+"""Separator of the tensor names in the ``names`` array (never part of a name)."""
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
 """First entry of every ``meta`` array; bumped on any incompatible layout change."""
 QMAX: Final = 127
 """Largest int8 code magnitude (symmetric range, ``-128`` is never produced)."""
 
-# ``meta`` = [FORMAT_VERSION, flags, n_values, ndim, *shape]
-_META_HEAD: Final = 4
+# ``meta`` = [FORMAT_VERSION, flags, n_tensors, *per tensor [tensor_flags, n_values, ndim, *shape]]
+_META_HEAD: Final = 3
+_TENSOR_HEAD: Final = 3
 QUANT_BITS: Final = 0b11
-"""``flags & QUANT_BITS``: 0 = float32 values, 1 = int8 per tensor, 2 = int8 per channel."""
+"""Quantization mode bits: 0 = float32 values, 1 = int8 per tensor, 2 = int8 per channel."""
 _QUANT_NONE: Final = 0
 _QUANT_TENSOR: Final = 1
 _QUANT_CHANNEL: Final = 2
+_QUANT_OF: Final[dict[str, int]] = {
+    "none": _QUANT_NONE,
+    "int8": _QUANT_TENSOR,
+    "int8-channel": _QUANT_CHANNEL,
+}
 FLAG_MASKED: Final = 1 << 2
-"""The tensor is sparse: only entries under its mask are transmitted."""
+"""Tensor flag: the tensor is sparse, only entries under its mask are transmitted."""
 FLAG_MASK_SENT: Final = 1 << 3
-"""The mask bits are in the payload (else the receiver must supply the mask)."""
+"""Tensor flag: the mask bits are in the ``mask`` stream (else the receiver supplies the mask)."""
 FLAG_CODES_ZLIB: Final = 1 << 4
-"""The ``codes`` / ``values`` stream is zlib-compressed (uint8)."""
+"""Payload flag: the ``codes`` / ``values`` stream is zlib-compressed (uint8)."""
 FLAG_MASK_ZLIB: Final = 1 << 5
-"""The ``mask`` stream is zlib-compressed."""
-_KNOWN_FLAGS: Final = QUANT_BITS | FLAG_MASKED | FLAG_MASK_SENT | FLAG_CODES_ZLIB | FLAG_MASK_ZLIB
+"""Payload flag: the ``mask`` stream is zlib-compressed."""
+_PAYLOAD_FLAGS: Final = QUANT_BITS | FLAG_CODES_ZLIB | FLAG_MASK_ZLIB
+_TENSOR_FLAGS: Final = QUANT_BITS | FLAG_MASKED | FLAG_MASK_SENT
 
 ZLIB_LEVEL: Final = 6
 """zlib compression level of the entropy stage."""
@@ -132,6 +158,8 @@ def _largest_scale() -> np.float32:
 
 _MAX_SCALE: Final = _largest_scale()
 _VALUES_DTYPE: Final = np.dtype("<f4")
+_BLOCK: Final = 1 << 17
+"""Entries per block of the blocked encode kernels (their temporaries stay in L2 cache)."""
 """Byte layout of compressed ``values`` streams (little-endian float32)."""
 
 # -- Flower 1.41 serialization constants (flwr.common.constant, flwr.supercore.constant) ------
@@ -155,8 +183,8 @@ class CodecConfig:
         Round to nearest (error ``<= scale / 2`` up to float32 rounding) or unbiased stochastic
         rounding (``E[decode] == x``; needs an ``rng`` in :func:`encode`).
     entropy : bool
-        Run the lossless zlib stage on every code and mask stream (kept per stream only when
-        it makes that stream smaller).
+        Run the lossless zlib stage on the code (or value) stream and on the mask stream (kept
+        per stream only when it makes that stream smaller).
     """
 
     quant: QuantMode = "int8-channel"
@@ -222,24 +250,32 @@ def _absmax_segments(values: NDArray[np.float32], bounds: NDArray[np.int64]) -> 
 
 
 def _round_to_int8(
-    v: NDArray[np.float32], rounding: RoundingMode, rng: np.random.Generator | None
-) -> NDArray[np.int8]:
-    """Round the scaled values ``v`` (overwritten) to int8 codes in ``[-127, 127]``.
+    v: NDArray[np.float32],
+    rounding: RoundingMode,
+    rng: np.random.Generator | None,
+    out: NDArray[np.int8],
+) -> None:
+    """Round the flat scaled values ``v`` (overwritten) to int8 codes in ``[-127, 127]``.
 
     With nearest rounding ``|v| <= 127 * (1 + 3 eps)`` by construction of the scales, so
     ``rint`` never leaves the range. Stochastic rounding ``floor(v + u)``, ``u ~ U[0, 1)``, is
-    unbiased and is clipped (the clip only touches ``|v|`` within a few ulp of 127).
+    unbiased and is clipped (the clip only touches ``|v|`` within a few ulp of 127). The codes
+    are written into ``out`` (same length as ``v``), e.g. a slice of the payload's stream.
     """
     if rounding == "nearest":
-        codes = np.empty(v.shape, dtype=np.int8)
-        np.rint(v, out=codes, casting="unsafe")  # one pass, no float32 intermediate
-        return codes
+        np.rint(v, out=out, casting="unsafe")  # one pass, no float32 intermediate
+        return
     if rng is None:
         raise ValueError("rng is required for stochastic rounding")
     v += rng.random(v.shape, dtype=np.float32)
     np.floor(v, out=v)
     np.clip(v, -_F32_QMAX, _F32_QMAX, out=v)
-    return v.astype(np.int8)
+    np.copyto(out, v, casting="unsafe")
+
+
+def _rows_per_block(per_row: int) -> int:
+    """Rows of ``per_row`` entries that make one block of about :data:`_BLOCK` entries."""
+    return max(1, _BLOCK // max(per_row, 1))
 
 
 def _quantize_dense(
@@ -248,56 +284,106 @@ def _quantize_dense(
     per_channel: bool,
     rounding: RoundingMode,
     rng: np.random.Generator | None,
-) -> tuple[NDArray[np.int8], NDArray[np.float32]]:
-    """Quantize a whole tensor; codes are returned flat in C order. ``x`` is not modified."""
+    codes: NDArray[np.int8],
+    scales: NDArray[np.float32],
+) -> None:
+    """Quantize a whole tensor into ``codes`` (flat, C order) and ``scales``.
+
+    ``x`` is not modified; ``codes`` has ``x.size`` entries and ``scales`` ``x.shape[0]`` per
+    channel, else 1. Scaling and rounding run block by block, so the float32 temporary stays
+    in cache.
+    """
     rows = x.shape[0] if per_channel else 1
-    x2d = x.reshape(rows, math.prod(x.shape[1:]) if per_channel else x.size)
+    per_row = math.prod(x.shape[1:]) if per_channel else x.size
+    x2d = x.reshape(rows, per_row)
     absmax = _absmax_rows(x2d)
     if not per_channel:
         absmax = absmax.max(keepdims=True) if absmax.size else np.zeros(1, np.float32)
     _check_absmax(name, absmax)
     scale, inv = _scales_from_absmax(absmax)
-    v = np.multiply(x2d, inv[:, None] if per_channel else inv[0], dtype=np.float32)
-    return _round_to_int8(v.reshape(-1), rounding, rng), scale
+    scales[...] = scale
+    if per_channel:
+        codes2d = codes.reshape(rows, per_row)
+        step = _rows_per_block(per_row)
+        for r0 in range(0, rows, step):
+            r1 = min(r0 + step, rows)
+            v = np.multiply(x2d[r0:r1], inv[r0:r1, None], dtype=np.float32)
+            _round_to_int8(v.reshape(-1), rounding, rng, codes2d[r0:r1].reshape(-1))
+    else:
+        flat = x2d.reshape(-1)
+        for start in range(0, flat.size, _BLOCK):
+            v = np.multiply(flat[start : start + _BLOCK], inv[0], dtype=np.float32)
+            _round_to_int8(v, rounding, rng, codes[start : start + _BLOCK])
 
 
-def _quantize_sparse(
+def _quantize_masked_channels(
     name: str,
-    values: NDArray[np.float32],
-    bounds: NDArray[np.int64] | None,
+    x: NDArray[np.float32],
+    mask: NDArray[np.bool_],
     rounding: RoundingMode,
     rng: np.random.Generator | None,
-) -> tuple[NDArray[np.int8], NDArray[np.float32]]:
-    """Quantize gathered kept values (overwritten); per channel when ``bounds`` is given."""
-    if bounds is None:
-        absmax = np.zeros(1, np.float32)
-        if values.size:
-            absmax[0] = np.maximum(values.max(), -values.min())  # NaN propagates
+    codes: NDArray[np.int8],
+    scales: NDArray[np.float32],
+) -> None:
+    """Quantize the kept entries of ``x`` (``ndim >= 2``) per output channel into ``codes``.
+
+    Runs over blocks of whole rows: gather the kept entries, per-row absmax, scale and round,
+    so the indices and the gathered values of a block stay in cache. ``codes`` has
+    ``mask.sum()`` entries, ``scales`` ``x.shape[0]``.
+    """
+    rows, per_row = x.shape[0], math.prod(x.shape[1:])
+    x2d = x.reshape(rows, per_row)
+    m2d = mask.reshape(rows, per_row)
+    step = _rows_per_block(per_row)
+    edges = np.arange(step + 1, dtype=np.int64) * per_row
+    offset = 0
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        flat_idx = np.flatnonzero(m2d[r0:r1])
+        kept = x2d[r0:r1].reshape(-1).take(flat_idx)  # a fresh buffer, ours to overwrite
+        bounds = np.searchsorted(flat_idx, edges[: r1 - r0 + 1]).astype(np.int64, copy=False)
+        absmax = _absmax_segments(kept, bounds)
         _check_absmax(name, absmax)
         scale, inv = _scales_from_absmax(absmax)
-        values *= inv[0]
-    else:
-        absmax = _absmax_segments(values, bounds)
-        _check_absmax(name, absmax)
-        scale, inv = _scales_from_absmax(absmax)
-        values *= np.repeat(inv, np.diff(bounds))
-    return _round_to_int8(values, rounding, rng), scale
+        scales[r0:r1] = scale
+        kept *= np.repeat(inv, np.diff(bounds))
+        _round_to_int8(kept, rounding, rng, codes[offset : offset + kept.size])
+        offset += kept.size
 
 
-def _channel_bounds(flat_idx: NDArray[np.int64], shape: tuple[int, ...]) -> NDArray[np.int64]:
-    """Offsets of each output channel's run in the (sorted) flat indices of kept entries."""
-    channels = shape[0]
-    per_row = math.prod(shape[1:])
-    edges = np.arange(channels + 1, dtype=np.int64) * per_row
-    return np.searchsorted(flat_idx, edges).astype(np.int64, copy=False)
+def _quantize_masked_tensor(
+    name: str,
+    x: NDArray[np.float32],
+    mask: NDArray[np.bool_],
+    rounding: RoundingMode,
+    rng: np.random.Generator | None,
+    codes: NDArray[np.int8],
+    scales: NDArray[np.float32],
+) -> None:
+    """Quantize the kept entries of ``x`` with one step size into ``codes`` and ``scales``."""
+    kept = x.reshape(-1).take(np.flatnonzero(mask))  # a fresh buffer, ours to overwrite
+    absmax = np.zeros(1, np.float32)
+    if kept.size:
+        absmax[0] = np.maximum(kept.max(), -kept.min())  # NaN propagates
+    _check_absmax(name, absmax)
+    scale, inv = _scales_from_absmax(absmax)
+    scales[...] = scale
+    kept *= inv[0]
+    _round_to_int8(kept, rounding, rng, codes)
 
 
-def _effective_quant(quant: QuantMode, ndim: int) -> int:
-    if quant == "none":
-        return _QUANT_NONE
-    if quant == "int8-channel" and ndim >= 2:
-        return _QUANT_CHANNEL
-    return _QUANT_TENSOR
+def _effective_quant(quant: int, ndim: int) -> int:
+    """Mode used for a tensor of ``ndim`` dimensions under the payload mode ``quant``."""
+    if quant == _QUANT_CHANNEL and ndim < 2:
+        return _QUANT_TENSOR
+    return quant
+
+
+def _n_scales(mode: int, shape: tuple[int, ...]) -> int:
+    """Return the number of step sizes of a tensor in ``mode`` (none for float32 values)."""
+    if mode == _QUANT_NONE:
+        return 0
+    return shape[0] if mode == _QUANT_CHANNEL else 1
 
 
 def _as_float32(name: str, x: object) -> NDArray[np.float32]:
@@ -344,8 +430,10 @@ def quantize_int8(
     if rounding not in get_args(RoundingMode):
         raise ValueError(f"rounding must be one of {get_args(RoundingMode)}, got {rounding!r}")
     arr = _as_float32("x", x)
-    channel = per_channel and arr.ndim >= 2
-    codes, scales = _quantize_dense("x", arr, channel, rounding, rng)
+    mode = _QUANT_CHANNEL if per_channel and arr.ndim >= 2 else _QUANT_TENSOR
+    codes = np.empty(arr.size, dtype=np.int8)
+    scales = np.empty(_n_scales(mode, arr.shape), dtype=np.float32)
+    _quantize_dense("x", arr, mode == _QUANT_CHANNEL, rounding, rng, codes, scales)
     return codes.reshape(arr.shape), scales
 
 
@@ -455,6 +543,35 @@ def _check_mask(name: str, mask: object, shape: tuple[int, ...]) -> NDArray[np.b
     return mask
 
 
+def _pack_bits_at(out: NDArray[np.uint8], bitpos: int, flat: NDArray[np.bool_]) -> int:
+    """Write the bits of ``flat`` into ``out`` from bit ``bitpos`` on; return the end position.
+
+    ``out`` must be zero from bit ``bitpos`` on. Bits are big-endian within a byte, as
+    ``np.packbits``; a run that starts mid-byte first completes that byte, the rest is packed
+    byte-aligned straight from ``flat`` (no concatenated boolean copy of all masks).
+    """
+    n = flat.size
+    byte, offset = divmod(bitpos, 8)
+    head = 0
+    if offset and n:
+        head = min(8 - offset, n)
+        out[byte] |= np.packbits(flat[:head])[0] >> offset
+    if n > head:
+        packed = np.packbits(flat[head:])
+        start = (bitpos + head) // 8  # byte-aligned here
+        out[start : start + packed.size] = packed
+    return bitpos + n
+
+
+def _unpack_bits_at(bits: NDArray[np.uint8], bitpos: int, count: int) -> NDArray[np.bool_]:
+    """Return ``count`` bits of ``bits`` from bit ``bitpos`` on as a fresh bool array."""
+    if count == 0:
+        return np.zeros(0, dtype=np.bool_)
+    byte, offset = divmod(bitpos, 8)
+    raw = np.unpackbits(bits[byte : (bitpos + count + 7) // 8], count=offset + count)
+    return raw[offset:].view(np.bool_)
+
+
 # ==============================================================================================
 # Entropy stage
 # ==============================================================================================
@@ -467,23 +584,73 @@ def _maybe_deflate(stream: np.ndarray) -> tuple[np.ndarray, bool]:
     return stream, False
 
 
-def _inflate(name: str, field: str, stream: np.ndarray, nbytes: int) -> bytes:
+def _inflate(key: str, stream: np.ndarray, nbytes: int) -> bytes:
     """Decompress a zlib stream that must expand to exactly ``nbytes`` bytes."""
     inflater = zlib.decompressobj()
     try:
         raw = inflater.decompress(np.ascontiguousarray(stream).data, nbytes + 1)
     except zlib.error as err:
-        raise ValueError(f"{_label(name, field)}: corrupt zlib stream") from err
-    if len(raw) != nbytes or not inflater.eof or inflater.unused_data:
+        raise ValueError(f"{_label(key)}: corrupt zlib stream") from err
+    if len(raw) != nbytes or not inflater.eof:
         raise ValueError(
-            f"{_label(name, field)}: zlib stream does not expand to the expected {nbytes} bytes"
+            f"{_label(key)}: zlib stream does not expand to the expected {nbytes} bytes"
         )
+    if inflater.unused_data:
+        raise ValueError(f"{_label(key)}: trailing bytes after the zlib stream")
     return raw
 
 
 # ==============================================================================================
 # Encode
 # ==============================================================================================
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of a payload: its ``meta`` entry and where its data lies in the streams."""
+
+    name: str
+    flags: int
+    n_values: int
+    shape: tuple[int, ...]
+    value_start: int
+    """Offset of the tensor's codes (or values) in the code (or value) stream."""
+    scale_start: int
+    """Offset of the tensor's step sizes in the ``scale`` stream."""
+    bit_start: int
+    """Bit offset of the tensor's mask in the ``mask`` stream (if its bits are sent)."""
+
+    @property
+    def mode(self) -> int:
+        return self.flags & QUANT_BITS
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_scales(self) -> int:
+        return _n_scales(self.mode, self.shape)
+
+    @property
+    def n_bits(self) -> int:
+        return self.size if self.flags & FLAG_MASK_SENT else 0
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"tensor names must be str, got {name!r}")
+    if NAME_SEP in name:
+        raise ValueError(f"tensor name {name!r} contains the name separator {NAME_SEP!r}")
+    return name
+
+
+def _names_array(names: list[str]) -> NDArray[np.uint8]:
+    try:
+        blob = NAME_SEP.join(names).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"tensor names must be valid UTF-8 text: {err}") from err
+    return np.frombuffer(bytearray(blob), dtype=np.uint8)  # writable, owns its memory
+
+
 def encode(
     tensors: Mapping[str, np.ndarray],
     config: CodecConfig,
@@ -498,7 +665,7 @@ def encode(
     ----------
     tensors : Mapping[str, np.ndarray]
         Real-valued tensors (converted to float32) in wire order. Entries that are kept must be
-        finite; pruned entries are never read.
+        finite; pruned entries are never read. Names may not contain a newline.
     config : CodecConfig
         Quantization mode, rounding and entropy stage.
     masks : Mapping[str, np.ndarray], optional
@@ -514,169 +681,258 @@ def encode(
     Returns
     -------
     Payload
-        ``{"<name>/<field>": array}``, tensors in input order.
+        ``{"meta", "names", "codes", "scale" | "values", ["mask"]: array}``: a fixed set of
+        arrays whatever the number of tensors.
 
     Raises
     ------
     ValueError
-        On a kept NaN/inf entry, a non-real dtype, a mask that is not bool, has the wrong
-        shape or names an unknown tensor, or a missing ``rng``.
+        On a kept NaN/inf entry, a non-real dtype, a tensor name that is not a ``str`` or
+        contains a newline, a mask that is not bool, has the wrong shape or names an unknown
+        tensor, or a missing ``rng``.
     """
     if not isinstance(config, CodecConfig):
         raise ValueError(f"config must be a CodecConfig, got {type(config).__name__}")
+    if not isinstance(tensors, Mapping):
+        raise ValueError(f"tensors must be a mapping, got {type(tensors).__name__}")
     if config.rounding == "stochastic" and config.quant != "none" and rng is None:
         raise ValueError("rng is required for stochastic rounding")
     masks = {} if masks is None else masks
     unknown = [name for name in masks if name not in tensors]
     if unknown:
         raise ValueError(f"masks name tensors that are not encoded: {sorted(unknown)}")
-    payload: Payload = {}
+    quant = _QUANT_OF[config.quant]
+
+    # Pass 1: validate, and lay the tensors out in the streams (popcounts are cheap).
+    entries: list[_Entry] = []
+    arrays: list[NDArray[np.float32]] = []
+    tensor_masks: list[NDArray[np.bool_] | None] = []
+    n_values = n_scales = n_bits = 0
     for name, tensor in tensors.items():
+        x = _as_float32(_check_name(name), tensor)
+        flags = _effective_quant(quant, x.ndim)
         mask = masks.get(name)
-        _encode_tensor(payload, name, tensor, mask, config, send_masks, rng)
+        if mask is None:
+            kept = x.size
+        else:
+            mask = _check_mask(name, mask, x.shape)
+            flags |= FLAG_MASKED | (FLAG_MASK_SENT if send_masks else 0)
+            kept = int(np.count_nonzero(mask))
+        entry = _Entry(name, flags, kept, x.shape, n_values, n_scales, n_bits)
+        entries.append(entry)
+        arrays.append(x)
+        tensor_masks.append(mask)
+        n_values += entry.n_values
+        n_scales += entry.n_scales
+        n_bits += entry.n_bits
+
+    # Pass 2: quantize (or copy) every tensor straight into its slice of the streams.
+    stream: np.ndarray
+    scales: NDArray[np.float32] | None = None
+    if quant == _QUANT_NONE:
+        stream = np.empty(n_values, dtype=np.float32)
+    else:
+        stream = np.empty(n_values, dtype=np.int8)
+        scales = np.empty(n_scales, dtype=np.float32)
+    bits = np.zeros((n_bits + 7) // 8, dtype=np.uint8) if send_masks and masks else None
+    for entry, x, mask in zip(entries, arrays, tensor_masks, strict=True):
+        out = stream[entry.value_start : entry.value_start + entry.n_values]
+        if scales is None:
+            _copy_values(entry.name, x, mask, out)
+        else:
+            scale_out = scales[entry.scale_start : entry.scale_start + entry.n_scales]
+            _quantize_into(entry, x, mask, config.rounding, rng, out, scale_out)
+        if bits is not None and mask is not None:
+            _pack_bits_at(bits, entry.bit_start, mask.reshape(-1))
+
+    flags = quant
+    if config.entropy:
+        stream, compressed = _maybe_deflate(stream)
+        flags |= FLAG_CODES_ZLIB if compressed else 0
+        if bits is not None:
+            bits, compressed = _maybe_deflate(bits)
+            flags |= FLAG_MASK_ZLIB if compressed else 0
+
+    meta: list[int] = [FORMAT_VERSION, flags, len(entries)]
+    for entry in entries:
+        meta += [entry.flags, entry.n_values, len(entry.shape), *entry.shape]
+    payload: Payload = {
+        KEY_META: np.array(meta, dtype=np.int64),
+        KEY_NAMES: _names_array([entry.name for entry in entries]),
+    }
+    if scales is None:
+        payload[KEY_VALUES] = stream
+    else:
+        payload[KEY_CODES] = stream
+        payload[KEY_SCALE] = scales
+    if bits is not None:
+        payload[KEY_MASK] = bits
     return payload
 
 
-def _encode_tensor(
-    payload: Payload,
-    name: str,
-    tensor: np.ndarray,
-    mask: np.ndarray | None,
-    config: CodecConfig,
-    send_masks: bool,
-    rng: np.random.Generator | None,
+def _copy_values(
+    name: str, x: NDArray[np.float32], mask: NDArray[np.bool_] | None, out: NDArray[np.float32]
 ) -> None:
-    """Append the fields of one tensor to ``payload``."""
-    if not isinstance(name, str):
-        raise ValueError(f"tensor names must be str, got {name!r}")
-    x = _as_float32(name, tensor)
-    shape = x.shape
-    mode = _effective_quant(config.quant, x.ndim)
-    flags = mode
-    stream: np.ndarray
-    scale: NDArray[np.float32] | None = None
+    """Copy the kept entries of ``x`` (all of them without a mask) into ``out``."""
     if mask is None:
-        n_values = x.size
-        if mode == _QUANT_NONE:
-            stream = np.array(x.reshape(-1), dtype=np.float32, copy=True)
-            if not np.isfinite(stream).all():
-                raise ValueError(f"tensor {name!r} has non-finite (NaN or inf) entries")
-        else:
-            stream, scale = _quantize_dense(name, x, mode == _QUANT_CHANNEL, config.rounding, rng)
+        out[...] = x.reshape(-1)
     else:
-        m = _check_mask(name, mask, shape)
-        flags |= FLAG_MASKED
-        flat_idx = np.flatnonzero(m)
-        n_values = flat_idx.size
-        kept = x.reshape(-1).take(flat_idx)  # a fresh float32 buffer, ours to overwrite
-        if mode == _QUANT_NONE:
-            if kept.size and not np.isfinite(kept).all():
-                raise ValueError(f"tensor {name!r} has non-finite (NaN or inf) entries")
-            stream = kept
-        else:
-            bounds = _channel_bounds(flat_idx, shape) if mode == _QUANT_CHANNEL else None
-            stream, scale = _quantize_sparse(name, kept, bounds, config.rounding, rng)
+        # mode="clip": indices are in range by construction, and "raise" would buffer ``out``.
+        np.take(x.reshape(-1), np.flatnonzero(mask), out=out, mode="clip")
+    if not np.isfinite(out).all():
+        raise ValueError(f"tensor {name!r} has non-finite (NaN or inf) entries")
 
-    if config.entropy:
-        stream, compressed = _maybe_deflate(stream)
-        if compressed:
-            flags |= FLAG_CODES_ZLIB
-    bits: np.ndarray | None = None
-    if mask is not None and send_masks:
-        flags |= FLAG_MASK_SENT
-        bits = np.packbits(mask.reshape(-1))
-        if config.entropy:
-            bits, compressed = _maybe_deflate(bits)
-            if compressed:
-                flags |= FLAG_MASK_ZLIB
 
-    prefix = name + KEY_SEP
-    payload[prefix + FIELD_META] = np.array(
-        [FORMAT_VERSION, flags, n_values, x.ndim, *shape], dtype=np.int64
-    )
-    if scale is None:
-        payload[prefix + FIELD_VALUES] = stream
+def _quantize_into(
+    entry: _Entry,
+    x: NDArray[np.float32],
+    mask: NDArray[np.bool_] | None,
+    rounding: RoundingMode,
+    rng: np.random.Generator | None,
+    codes: NDArray[np.int8],
+    scales: NDArray[np.float32],
+) -> None:
+    """Quantize one tensor (its kept entries under ``mask``) into its stream slices."""
+    per_channel = entry.mode == _QUANT_CHANNEL
+    if mask is None:
+        _quantize_dense(entry.name, x, per_channel, rounding, rng, codes, scales)
+    elif per_channel:
+        _quantize_masked_channels(entry.name, x, mask, rounding, rng, codes, scales)
     else:
-        payload[prefix + FIELD_CODES] = stream
-        payload[prefix + FIELD_SCALE] = scale
-    if bits is not None:
-        payload[prefix + FIELD_MASK] = bits
+        _quantize_masked_tensor(entry.name, x, mask, rounding, rng, codes, scales)
 
 
 # ==============================================================================================
 # Decode
 # ==============================================================================================
 @dataclass(frozen=True)
-class _Meta:
+class _Layout:
+    """A parsed and validated ``meta`` + ``names``: the payload flags and its tensors."""
+
     flags: int
+    entries: list[_Entry]
     n_values: int
-    shape: tuple[int, ...]
+    n_scales: int
+    n_bits: int
 
     @property
-    def mode(self) -> int:
+    def quant(self) -> int:
         return self.flags & QUANT_BITS
 
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
+    def expected_keys(self) -> list[str]:
+        """Return the key set these flags and tensors imply, in :func:`encode` order."""
+        keys = [KEY_META, KEY_NAMES]
+        keys += [KEY_VALUES] if self.quant == _QUANT_NONE else [KEY_CODES, KEY_SCALE]
+        if any(entry.flags & FLAG_MASK_SENT for entry in self.entries):
+            keys.append(KEY_MASK)
+        return keys
 
 
-def _group(payload: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """Split ``payload`` keys into ``{tensor name: {field: array}}``, keeping order."""
+def _label(key: str) -> str:
+    return f"payload key {key!r}"
+
+
+def _check_keys(payload: Mapping[str, np.ndarray]) -> None:
+    """Every key is a known payload key and every value a numpy array."""
     if not isinstance(payload, Mapping):
         raise ValueError(f"payload must be a mapping, got {type(payload).__name__}")
-    groups: dict[str, dict[str, np.ndarray]] = {}
+    unknown = [key for key in payload if key not in _KEY_ORDER]
+    if unknown:
+        raise ValueError(f"payload has unknown keys {unknown}; payload keys are {list(_KEY_ORDER)}")
     for key, value in payload.items():
-        if not isinstance(key, str):
-            raise ValueError(f"payload keys must be str, got {key!r}")
-        name, sep, field = key.rpartition(KEY_SEP)
-        if not sep or field not in _FIELDS:
-            raise ValueError(
-                f"payload key {key!r} is not '<tensor>{KEY_SEP}<field>' with field in "
-                f"{sorted(_FIELDS)}"
-            )
         if not isinstance(value, np.ndarray):
-            raise ValueError(f"payload key {key!r} must be a numpy array, got {type(value)}")
-        groups.setdefault(name, {})[field] = value
-    return groups
+            raise ValueError(f"{_label(key)} must be a numpy array, got {type(value)}")
 
 
-def _parse_meta(name: str, fields: Mapping[str, np.ndarray]) -> _Meta:
-    key = f"{name}{KEY_SEP}{FIELD_META}"
-    if FIELD_META not in fields:
-        raise ValueError(f"payload is missing key {key!r}")
-    meta = fields[FIELD_META]
-    if meta.dtype != np.int64 or meta.ndim != 1 or meta.size < _META_HEAD:
+def _parse_names(payload: Mapping[str, np.ndarray], n_tensors: int) -> list[str]:
+    if KEY_NAMES not in payload:
+        raise ValueError(f"payload is missing key {KEY_NAMES!r}")
+    arr = payload[KEY_NAMES]
+    if arr.dtype != np.uint8 or arr.ndim != 1:
         raise ValueError(
-            f"payload key {key!r} must be a 1-D int64 array of >= {_META_HEAD} entries, "
-            f"got {meta.dtype} {meta.shape}"
+            f"{_label(KEY_NAMES)} must be a 1-D uint8 array, got {arr.dtype} {arr.shape}"
         )
-    version, flags, n_values, ndim = (int(v) for v in meta[:_META_HEAD])
+    try:
+        text = arr.tobytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{_label(KEY_NAMES)} is not valid UTF-8") from err
+    names = text.split(NAME_SEP) if n_tensors else ([] if not text else [text])
+    if len(names) != n_tensors:
+        raise ValueError(
+            f"{_label(KEY_NAMES)} holds {len(names)} names, but {KEY_META!r} describes "
+            f"{n_tensors} tensors"
+        )
+    if len(set(names)) != len(names):
+        dup = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"{_label(KEY_NAMES)} repeats tensor names {dup}")
+    return names
+
+
+def _parse_layout(payload: Mapping[str, np.ndarray]) -> _Layout:
+    """Validate ``meta`` and ``names`` and compute every tensor's place in the streams."""
+    if KEY_META not in payload:
+        raise ValueError(f"payload is missing key {KEY_META!r}")
+    label = _label(KEY_META)
+    arr = payload[KEY_META]
+    if arr.dtype != np.int64 or arr.ndim != 1 or arr.size < _META_HEAD:
+        raise ValueError(
+            f"{label} must be a 1-D int64 array of >= {_META_HEAD} entries, "
+            f"got {arr.dtype} {arr.shape}"
+        )
+    meta: list[int] = arr.tolist()
+    version, flags, n_tensors = meta[:_META_HEAD]
     if version != FORMAT_VERSION:
-        raise ValueError(f"payload key {key!r}: format version {version} != {FORMAT_VERSION}")
-    if ndim < 0 or meta.size != _META_HEAD + ndim:
-        raise ValueError(f"payload key {key!r}: ndim {ndim} does not match its length")
-    shape = tuple(int(v) for v in meta[_META_HEAD:])
-    if any(d < 0 for d in shape):
-        raise ValueError(f"payload key {key!r}: negative dimension in shape {shape}")
-    if flags & ~_KNOWN_FLAGS or (flags & QUANT_BITS) > _QUANT_CHANNEL:
-        raise ValueError(f"payload key {key!r}: unknown flags {flags:#x}")
-    if flags & FLAG_MASK_SENT and not flags & FLAG_MASKED:
-        raise ValueError(f"payload key {key!r}: mask sent for a dense tensor")
-    if flags & FLAG_MASK_ZLIB and not flags & FLAG_MASK_SENT:
-        raise ValueError(f"payload key {key!r}: compressed mask flagged but no mask sent")
-    if (flags & QUANT_BITS) == _QUANT_CHANNEL and ndim < 2:
-        raise ValueError(f"payload key {key!r}: per-channel scales need ndim >= 2")
-    parsed = _Meta(flags=flags, n_values=n_values, shape=shape)
-    if not 0 <= n_values <= parsed.size or (not flags & FLAG_MASKED and n_values != parsed.size):
-        raise ValueError(
-            f"payload key {key!r}: {n_values} values for a tensor of {parsed.size} entries"
-        )
-    return parsed
-
-
-def _label(name: str, field: str) -> str:
-    return f"payload key '{name}{KEY_SEP}{field}'"
+        raise ValueError(f"{label}: format version {version} != {FORMAT_VERSION}")
+    if flags & ~_PAYLOAD_FLAGS or (flags & QUANT_BITS) > _QUANT_CHANNEL:
+        raise ValueError(f"{label}: unknown payload flags {flags:#x}")
+    if not 0 <= n_tensors <= (len(meta) - _META_HEAD) // _TENSOR_HEAD:
+        raise ValueError(f"{label}: {n_tensors} tensors do not fit its {len(meta)} entries")
+    names = _parse_names(payload, n_tensors)
+    quant = flags & QUANT_BITS
+    entries: list[_Entry] = []
+    pos = _META_HEAD
+    n_values = n_scales = n_bits = 0
+    for name in names:
+        where = f"{label}, tensor {name!r}"
+        if pos + _TENSOR_HEAD > len(meta):
+            raise ValueError(f"{where}: truncated entry")
+        tflags, kept, ndim = meta[pos : pos + _TENSOR_HEAD]
+        pos += _TENSOR_HEAD
+        if ndim < 0 or pos + ndim > len(meta):
+            raise ValueError(f"{where}: ndim {ndim} does not match the length of {KEY_META!r}")
+        shape = tuple(meta[pos : pos + ndim])
+        pos += ndim
+        if any(d < 0 for d in shape):
+            raise ValueError(f"{where}: negative dimension in shape {shape}")
+        if tflags & ~_TENSOR_FLAGS:
+            raise ValueError(f"{where}: unknown tensor flags {tflags:#x}")
+        if (tflags & QUANT_BITS) != _effective_quant(quant, ndim):
+            raise ValueError(
+                f"{where}: quantization mode {tflags & QUANT_BITS} does not follow the "
+                f"payload's mode {quant} for ndim {ndim}"
+            )
+        if tflags & FLAG_MASK_SENT and not tflags & FLAG_MASKED:
+            raise ValueError(f"{where}: mask sent for a dense tensor")
+        entry = _Entry(name, tflags, kept, shape, n_values, n_scales, n_bits)
+        if not 0 <= kept <= entry.size or (not tflags & FLAG_MASKED and kept != entry.size):
+            raise ValueError(f"{where}: {kept} values for a tensor of {entry.size} entries")
+        entries.append(entry)
+        n_values += kept
+        n_scales += entry.n_scales
+        n_bits += entry.n_bits
+    if pos != len(meta):
+        raise ValueError(f"{label} has {len(meta) - pos} trailing entries")
+    if flags & FLAG_MASK_ZLIB and not any(e.flags & FLAG_MASK_SENT for e in entries):
+        raise ValueError(f"{label}: compressed mask flagged but no mask sent")
+    layout = _Layout(flags, entries, n_values, n_scales, n_bits)
+    expected = layout.expected_keys()
+    missing = [key for key in expected if key not in payload]
+    if missing:
+        raise ValueError(f"payload is missing keys {missing}")
+    extra = [key for key in payload if key not in expected]
+    if extra:
+        raise ValueError(f"payload has unexpected keys {extra}")
+    return layout
 
 
 def _check_stream(label: str, arr: object, dtype: np.dtype, length: int) -> None:
@@ -690,20 +946,15 @@ def _check_stream(label: str, arr: object, dtype: np.dtype, length: int) -> None
 
 
 def _read_stream(
-    name: str,
-    field: str,
-    arr: np.ndarray,
-    dtype: np.dtype,
-    length: int,
-    compressed: bool,
+    key: str, arr: np.ndarray, dtype: np.dtype, length: int, compressed: bool
 ) -> np.ndarray:
     """Validate one stream (decompressing it if flagged) and return it as ``dtype``."""
     if not compressed:
-        _check_stream(_label(name, field), arr, dtype, length)
+        _check_stream(_label(key), arr, dtype, length)
         return arr
     if arr.dtype != np.uint8 or arr.ndim != 1:
-        raise ValueError(f"{_label(name, field)} is flagged zlib but is not a 1-D uint8 array")
-    raw = _inflate(name, field, arr, length * dtype.itemsize)
+        raise ValueError(f"{_label(key)} is flagged zlib but is not a 1-D uint8 array")
+    raw = _inflate(key, arr, length * dtype.itemsize)
     return np.frombuffer(raw, dtype=dtype)
 
 
@@ -720,86 +971,69 @@ def _check_scales(label: str, scales: object, expected: int) -> NDArray[np.float
     return scales
 
 
+def _read_mask_bits(payload: Mapping[str, np.ndarray], layout: _Layout) -> NDArray[np.uint8] | None:
+    """Validate the ``mask`` stream (``None`` when no tensor sends its bits)."""
+    if KEY_MASK not in payload:
+        return None
+    bits = _read_stream(
+        KEY_MASK,
+        payload[KEY_MASK],
+        np.dtype(np.uint8),
+        (layout.n_bits + 7) // 8,
+        bool(layout.flags & FLAG_MASK_ZLIB),
+    )
+    pad = -layout.n_bits % 8
+    if pad and bits[-1] & ((1 << pad) - 1):
+        raise ValueError(f"{_label(KEY_MASK)} has non-zero padding bits")
+    return bits
+
+
 def _tensor_mask(
-    name: str,
-    meta: _Meta,
-    fields: Mapping[str, np.ndarray],
-    masks: Mapping[str, np.ndarray] | None,
+    entry: _Entry, bits: NDArray[np.uint8] | None, masks: Mapping[str, np.ndarray] | None
 ) -> NDArray[np.bool_]:
     """Return the mask of a sparse tensor: from the payload if sent, else from ``masks``."""
-    if meta.flags & FLAG_MASK_SENT:
-        bits = _read_stream(
-            name,
-            FIELD_MASK,
-            fields[FIELD_MASK],
-            np.dtype(np.uint8),
-            (meta.size + 7) // 8,
-            bool(meta.flags & FLAG_MASK_ZLIB),
-        )
-        return np.unpackbits(bits, count=meta.size).view(np.bool_).reshape(meta.shape)
-    if masks is None or name not in masks:
+    if entry.flags & FLAG_MASK_SENT:
+        assert bits is not None  # the key set was checked
+        return _unpack_bits_at(bits, entry.bit_start, entry.size).reshape(entry.shape)
+    if masks is None or entry.name not in masks:
         raise ValueError(
-            f"tensor {name!r} was encoded without its mask bits; pass masks={{{name!r}: ...}}"
+            f"tensor {entry.name!r} was encoded without its mask bits; "
+            f"pass masks={{{entry.name!r}: ...}}"
         )
-    return _check_mask(name, masks[name], meta.shape)
+    return _check_mask(entry.name, masks[entry.name], entry.shape)
 
 
-def _decode_tensor(
-    name: str, fields: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray] | None
+def _decode_entry(
+    entry: _Entry,
+    stream: np.ndarray,
+    scales: NDArray[np.float32] | None,
+    bits: NDArray[np.uint8] | None,
+    masks: Mapping[str, np.ndarray] | None,
 ) -> NDArray[np.float32]:
-    """Validate the fields of one tensor and decode it into fresh float32 memory."""
-    meta = _parse_meta(name, fields)
-    expected = {FIELD_META}
-    expected |= {FIELD_VALUES} if meta.mode == _QUANT_NONE else {FIELD_CODES, FIELD_SCALE}
-    if meta.flags & FLAG_MASK_SENT:
-        expected.add(FIELD_MASK)
-    missing = expected - fields.keys()
-    if missing:
-        raise ValueError(f"payload is missing keys {sorted(name + KEY_SEP + f for f in missing)}")
-    extra = fields.keys() - expected
-    if extra:
-        raise ValueError(f"payload has unexpected keys {sorted(name + KEY_SEP + f for f in extra)}")
-
+    """Decode one tensor from its slices of the (validated) streams into fresh float32 memory."""
+    data = stream[entry.value_start : entry.value_start + entry.n_values]
     flat_idx: NDArray[np.int64] | None = None
-    if meta.flags & FLAG_MASKED:
-        mask = _tensor_mask(name, meta, fields, masks)
-        flat_idx = np.flatnonzero(mask)
-        if flat_idx.size != meta.n_values:
+    if entry.flags & FLAG_MASKED:
+        flat_idx = np.flatnonzero(_tensor_mask(entry, bits, masks))
+        if flat_idx.size != entry.n_values:
             raise ValueError(
-                f"tensor {name!r}: {meta.n_values} transmitted values but the mask keeps "
+                f"tensor {entry.name!r}: {entry.n_values} transmitted values but the mask keeps "
                 f"{flat_idx.size}"
             )
-    compressed = bool(meta.flags & FLAG_CODES_ZLIB)
-    values: NDArray[np.float32]
-    if meta.mode == _QUANT_NONE:
-        raw = _read_stream(
-            name, FIELD_VALUES, fields[FIELD_VALUES], _VALUES_DTYPE, meta.n_values, compressed
-        )
-        if not np.isfinite(raw).all():
-            raise ValueError(f"{_label(name, FIELD_VALUES)} has NaN or inf")
-        # Copy: the result must not alias (possibly read-only) payload memory.
-        values = raw.astype(np.float32, copy=flat_idx is None)
-    else:
-        codes = _read_stream(
-            name, FIELD_CODES, fields[FIELD_CODES], np.dtype(np.int8), meta.n_values, compressed
-        )
-        if codes.size and codes.min() < -QMAX:
-            raise ValueError(f"{_label(name, FIELD_CODES)} has the code -128")
-        per_channel = meta.mode == _QUANT_CHANNEL
-        scales = _check_scales(
-            _label(name, FIELD_SCALE), fields[FIELD_SCALE], meta.shape[0] if per_channel else 1
-        )
-        if flat_idx is not None:
-            # Scatter in the int8 domain (pruned codes are 0, hence exactly 0.0 below).
-            dense = np.zeros(meta.size, dtype=np.int8)
-            dense[flat_idx] = codes
-            codes = dense
-        return _dequantize(codes, scales, meta.shape, per_channel)
-    if flat_idx is None:
-        return values.reshape(meta.shape)
-    out = np.zeros(meta.size, dtype=np.float32)
-    out[flat_idx] = values
-    return out.reshape(meta.shape)
+    if scales is None:
+        if flat_idx is None:
+            # Copy: the result must not alias (possibly read-only) payload memory.
+            return data.astype(np.float32, copy=True).reshape(entry.shape)
+        out = np.zeros(entry.size, dtype=np.float32)
+        out[flat_idx] = data
+        return out.reshape(entry.shape)
+    if flat_idx is not None:
+        # Scatter in the int8 domain (pruned codes are 0, hence exactly 0.0 below).
+        dense = np.zeros(entry.size, dtype=np.int8)
+        dense[flat_idx] = data
+        data = dense
+    step = scales[entry.scale_start : entry.scale_start + entry.n_scales]
+    return _dequantize(data, step, entry.shape, entry.mode == _QUANT_CHANNEL)
 
 
 def decode(
@@ -825,12 +1059,32 @@ def decode(
     Raises
     ------
     ValueError
-        If the payload is malformed: an unknown or missing key, a wrong dtype or length, codes
-        that do not match the mask popcount, a non-finite or non-positive scale, a corrupt zlib
-        stream, or a missing or wrongly shaped mask.
+        If the payload is malformed: an unknown or missing key, a wrong dtype or length, names
+        that do not match ``meta``, codes that do not match the mask popcount, the code
+        ``-128``, a non-finite or non-positive scale, a corrupt zlib stream or trailing bytes, or
+        a missing or wrongly shaped mask.
     """
-    groups = _group(payload)
-    return {name: _decode_tensor(name, fields, masks) for name, fields in groups.items()}
+    _check_keys(payload)
+    layout = _parse_layout(payload)
+    compressed = bool(layout.flags & FLAG_CODES_ZLIB)
+    scales: NDArray[np.float32] | None = None
+    if layout.quant == _QUANT_NONE:
+        stream = _read_stream(
+            KEY_VALUES, payload[KEY_VALUES], _VALUES_DTYPE, layout.n_values, compressed
+        )
+        if not np.isfinite(stream).all():
+            raise ValueError(f"{_label(KEY_VALUES)} has NaN or inf")
+    else:
+        stream = _read_stream(
+            KEY_CODES, payload[KEY_CODES], np.dtype(np.int8), layout.n_values, compressed
+        )
+        if stream.size and stream.min() < -QMAX:
+            raise ValueError(f"{_label(KEY_CODES)} has the code -128")
+        scales = _check_scales(_label(KEY_SCALE), payload[KEY_SCALE], layout.n_scales)
+    bits = _read_mask_bits(payload, layout)
+    return {
+        entry.name: _decode_entry(entry, stream, scales, bits, masks) for entry in layout.entries
+    }
 
 
 def payload_masks(payload: Mapping[str, np.ndarray]) -> dict[str, NDArray[np.bool_]]:
@@ -849,16 +1103,16 @@ def payload_masks(payload: Mapping[str, np.ndarray]) -> dict[str, NDArray[np.boo
     Raises
     ------
     ValueError
-        If a ``meta`` array or a mask stream is malformed.
+        If the key set, ``meta``, ``names`` or the mask stream is malformed.
     """
-    out: dict[str, NDArray[np.bool_]] = {}
-    for name, fields in _group(payload).items():
-        meta = _parse_meta(name, fields)
-        if meta.flags & FLAG_MASK_SENT:
-            if FIELD_MASK not in fields:
-                raise ValueError(f"payload is missing key '{name}{KEY_SEP}{FIELD_MASK}'")
-            out[name] = _tensor_mask(name, meta, fields, None)
-    return out
+    _check_keys(payload)
+    layout = _parse_layout(payload)
+    bits = _read_mask_bits(payload, layout)
+    return {
+        entry.name: _tensor_mask(entry, bits, None)
+        for entry in layout.entries
+        if entry.flags & FLAG_MASK_SENT
+    }
 
 
 def residual(

@@ -27,24 +27,24 @@ class StaticGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)
 
-    def set_run(self, run):  # type: ignore[no-untyped-def]
+    def set_run(self, run):
         raise NotImplementedError
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]
+    def run(self):
         raise NotImplementedError
 
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def create_message(self, *args, **kwargs):
         raise NotImplementedError
 
-    def get_nodes(self):  # type: ignore[no-untyped-def]
+    def get_nodes(self):
         raise NotImplementedError
 
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+    def push_messages(self, messages):
         raise NotImplementedError
 
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+    def pull_messages(self, message_ids):
         raise NotImplementedError
 
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+    def send_and_receive(self, messages, *, timeout=None):
         raise NotImplementedError

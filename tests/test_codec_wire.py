@@ -61,6 +61,13 @@ def _payloads() -> dict[str, codec.Payload]:
         "empty.weight": np.zeros((0, 4), bool),
     }
     zeros = {"z.weight": np.zeros((40, 30), np.float32), "b": np.ones(3, np.float32)}
+    many = {  # ResNet-like: 62 tensors, still 5 arrays
+        f"layer{i}.{'weight' if i % 2 == 0 else 'bias'}": (
+            rng.standard_normal((16, 8, 3, 3) if i % 2 == 0 else (16,)).astype(np.float32)
+        )
+        for i in range(62)
+    }
+    many_masks = {name: rng.random(x.shape) < 0.3 for name, x in many.items() if x.ndim >= 2}
     return {
         "dense int8-channel": codec.encode(model, CodecConfig()),
         "dense int8": codec.encode(model, CodecConfig(quant="int8")),
@@ -77,6 +84,16 @@ def _payloads() -> dict[str, codec.Payload]:
         ),
         "tiny": codec.encode(
             {"s": np.array(1.5, np.float32), "v": np.ones(1, np.float32)}, CodecConfig()
+        ),
+        "many tensors": codec.encode(many, CodecConfig(), masks=many_masks),
+        "many tensors entropy": codec.encode(many, CodecConfig(entropy=True), masks=many_masks),
+        "many tensors float32 cached": codec.encode(
+            many, CodecConfig(quant="none"), masks=many_masks, send_masks=False
+        ),
+        "empty model": codec.encode({}, CodecConfig()),
+        "unicode names": codec.encode(
+            {"\u00e9t\u00e9.weight": np.ones((2, 2), np.float32), '"b" \\': np.ones(2)},
+            CodecConfig(),
         ),
         "empty": {},
         "raw model": model,
@@ -100,7 +117,7 @@ def test_wire_size_matches_flower(name: str) -> None:
     assert codec.wire_size(payload) == flower_wire_size(payload)
 
 
-NOT_CODEC = ("raw model", "duplicate arrays", "odd arrays")
+NOT_CODEC = ("empty", "raw model", "duplicate arrays", "odd arrays")  # not codec payloads
 
 
 @pytest.mark.parametrize("name", list(PAYLOADS))
@@ -117,6 +134,8 @@ def test_payload_survives_flower_serialization(name: str) -> None:
     masks = None
     if name == "sparse cached masks":
         masks = codec.payload_masks(PAYLOADS["sparse int8-channel"])
+    elif name == "many tensors float32 cached":
+        masks = codec.payload_masks(PAYLOADS["many tensors"])
     expected = codec.decode(payload, masks=masks)
     got = codec.decode(back, masks=masks)
     assert list(got) == list(expected)
@@ -145,6 +164,15 @@ def test_multi_chunk_arrays_with_small_chunks(monkeypatch: pytest.MonkeyPatch) -
             CodecConfig(),
             masks={"w": rng.random((30, 40)) < 0.5, "z": np.ones((50, 50), bool)},
         ),
+        codec.encode(  # the zeros' codes repeat whole chunks inside the one codes array
+            {"z": np.zeros((50, 50)), "w": rng.standard_normal((30, 40)), "b": np.ones(30)},
+            CodecConfig(quant="int8"),
+        ),
+        codec.encode(
+            {"w": rng.standard_normal((60, 40)).astype(np.float32), "b": np.zeros(60)},
+            CodecConfig(quant="none", entropy=True),
+            masks={"w": rng.random((60, 40)) < 0.2},
+        ),
     ]
     for payload in payloads:
         assert codec.wire_size(payload, chunk_size=256) == flower_wire_size(payload)
@@ -159,10 +187,23 @@ def test_tensor_larger_than_a_chunk() -> None:
     payload = codec.encode(
         {"big": big, "zeros": np.zeros(3_000_000, np.float32)}, CodecConfig(quant="none")
     )
-    assert payload["big/values"].nbytes > codec.FLWR_DEFAULT_CHUNK_SIZE
+    assert list(payload) == ["meta", "names", "values"]
+    assert payload["values"].nbytes > 2 * codec.FLWR_DEFAULT_CHUNK_SIZE  # one array, 4 chunks
     assert codec.wire_size(payload) == flower_wire_size(payload)
     assert codec.wire_size(payload, chunk_size=codec.FLWR_DEFAULT_CHUNK_SIZE) == flower_wire_size(
         payload
     )
     back = through_flower(payload)
     np.testing.assert_array_equal(codec.decode(back)["big"], big)
+
+
+def test_flower_objects_do_not_grow_with_the_number_of_tensors() -> None:
+    # One ArrayRecord, one Array per payload key and its chunk(s): the same object count for a
+    # 2-tensor and a 62-tensor model (with one array per tensor and field it was ~250 Arrays).
+    counts = {}
+    for name in ("tiny", "many tensors", "dense int8-channel", "empty model"):
+        objects = get_all_nested_objects(to_record(PAYLOADS[name]))
+        kinds = [type(obj).__name__ for obj in objects.values()]
+        counts[name] = (kinds.count("ArrayRecord"), kinds.count("Array"))
+    assert counts["tiny"] == counts["dense int8-channel"] == counts["empty model"] == (1, 4)
+    assert counts["many tensors"] == (1, 5)  # + the mask stream

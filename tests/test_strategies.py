@@ -1,13 +1,11 @@
 """The server wrappers on real Flower messages and a real inner FedAvg (no network needed)."""
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedprune import codec, keys
 from fedprune.masks import ReconcileConfig
@@ -15,49 +13,15 @@ from strategies.accounting import WireAccounting, message_wire_bytes, object_tre
 from strategies.masking import DensitySchedule, MaskReconciliation
 from strategies.payload import CompressedPayload
 from strategies.records import from_record, to_record
+from tests.support import StaticGrid, server_task_identity
 
 INT8 = codec.CodecConfig(quant="int8-channel")
 
 
 @pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """What a ServerApp process has: its run, node and task identity."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-class StaticGrid(Grid):
-    """A grid with a fixed set of connected nodes; it only answers node queries."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
-
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def get_nodes(self):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
+def _identity() -> Iterator[None]:
+    with server_task_identity():
+        yield
 
 
 class RecordingFedAvg(FedAvg):
@@ -65,7 +29,7 @@ class RecordingFedAvg(FedAvg):
 
     seen: list[dict[str, np.ndarray]]
 
-    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+    def aggregate_train(self, server_round, replies):
         replies = list(replies)
         self.seen = [from_record(r.content.array_records[keys.ARRAYS]) for r in replies]
         return super().aggregate_train(server_round, replies)
@@ -125,7 +89,7 @@ def test_a_malformed_reply_is_dropped_and_the_round_goes_on() -> None:
     good = reply(sent[0], {"w": np.zeros((2, 3), np.float32), "b": np.ones(2, np.float32)}, 5)
     bad = reply(sent[1], {"w": np.zeros((2, 3), np.float32), "b": np.ones(2, np.float32)}, 5)
     codes = from_record(bad.content.array_records[keys.ARRAYS])
-    codes["w/codes"] = codes["w/codes"][:-1]  # one code short
+    codes["codes"] = codes["codes"][:-1]  # one code short
     bad.content[keys.ARRAYS] = to_record(codes)
     arrays, metrics = wrapper.aggregate_train(1, [good, bad])
     assert arrays is not None and metrics is not None
