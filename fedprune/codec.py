@@ -29,6 +29,11 @@ sparse int8 payload of a small model. The keys, in this order:
     only zeros has scale ``1.0``.
 ``values`` (float32, or uint8 when zlib-compressed; ``quant="none"``)
     All tensors' kept entries themselves, concatenated.
+``select`` (uint8; only with ``CodecConfig.topk < 1``)
+    Top-k update sparsification: for every tensor, a bit per *candidate* entry (its kept entries
+    if masked, else all entries) saying whether it is transmitted; the tensor's entry in
+    ``meta`` then ends with the candidate count and carries :data:`FLAG_SELECTED`. Bits are
+    concatenated like the mask bits, possibly zlib-compressed (:data:`FLAG_SELECT_ZLIB`).
 ``mask`` (uint8; only when at least one tensor has :data:`FLAG_MASK_SENT`)
     ``np.packbits`` of the concatenation of the flattened (C order) boolean masks of the sparse
     tensors encoded with ``send_masks=True``, in tensor order (bits are not byte-aligned per
@@ -36,7 +41,8 @@ sparse int8 payload of a small model. The keys, in this order:
 
 For one :class:`CodecConfig`, one set of masked tensor names and one ``send_masks`` flag every
 encoder produces the same key set, whatever the values: ``meta``, ``names``, then ``codes`` and
-``scale`` (int8 modes) or ``values``, then ``mask`` iff a masked tensor is sent with its bits
+``scale`` (int8 modes) or ``values``, then ``select`` iff ``topk < 1``, then ``mask`` iff a
+masked tensor is sent with its bits
 (only dtypes and lengths of the streams may differ, e.g. compressed vs not). The entropy stage
 compresses the whole code/value stream and the whole mask stream with zlib and keeps each result
 only when that stream's serialized size shrinks.
@@ -67,6 +73,8 @@ __all__ = [
     "FLAG_MASKED",
     "FLAG_MASK_SENT",
     "FLAG_MASK_ZLIB",
+    "FLAG_SELECTED",
+    "FLAG_SELECT_ZLIB",
     "FLWR_CHUNK_SIZE_ENV",
     "FLWR_DEFAULT_CHUNK_SIZE",
     "FORMAT_VERSION",
@@ -75,6 +83,7 @@ __all__ = [
     "KEY_META",
     "KEY_NAMES",
     "KEY_SCALE",
+    "KEY_SELECT",
     "KEY_VALUES",
     "NAME_SEP",
     "QMAX",
@@ -105,8 +114,9 @@ KEY_NAMES: Final = "names"
 KEY_CODES: Final = "codes"
 KEY_SCALE: Final = "scale"
 KEY_VALUES: Final = "values"
+KEY_SELECT: Final = "select"
 KEY_MASK: Final = "mask"
-_KEY_ORDER: Final = (KEY_META, KEY_NAMES, KEY_CODES, KEY_SCALE, KEY_VALUES, KEY_MASK)
+_KEY_ORDER: Final = (KEY_META, KEY_NAMES, KEY_CODES, KEY_SCALE, KEY_VALUES, KEY_SELECT, KEY_MASK)
 """Every payload key, in the order :func:`encode` writes them."""
 NAME_SEP: Final = "\n"
 """Separator of the tensor names in the ``names`` array (never part of a name)."""
@@ -137,8 +147,12 @@ FLAG_CODES_ZLIB: Final = 1 << 4
 """Payload flag: the ``codes`` / ``values`` stream is zlib-compressed (uint8)."""
 FLAG_MASK_ZLIB: Final = 1 << 5
 """Payload flag: the ``mask`` stream is zlib-compressed."""
-_PAYLOAD_FLAGS: Final = QUANT_BITS | FLAG_CODES_ZLIB | FLAG_MASK_ZLIB
-_TENSOR_FLAGS: Final = QUANT_BITS | FLAG_MASKED | FLAG_MASK_SENT
+FLAG_SELECTED: Final = 1 << 6
+"""The tensor is top-k sparsified: ``select`` holds a bit per candidate entry."""
+FLAG_SELECT_ZLIB: Final = 1 << 7
+"""The ``select`` stream is zlib-compressed."""
+_PAYLOAD_FLAGS: Final = QUANT_BITS | FLAG_CODES_ZLIB | FLAG_MASK_ZLIB | FLAG_SELECT_ZLIB
+_TENSOR_FLAGS: Final = QUANT_BITS | FLAG_MASKED | FLAG_MASK_SENT | FLAG_SELECTED
 
 ZLIB_LEVEL: Final = 6
 """zlib compression level of the entropy stage."""
@@ -183,13 +197,19 @@ class CodecConfig:
         Round to nearest (error ``<= scale / 2`` up to float32 rounding) or unbiased stochastic
         rounding (``E[decode] == x``; needs an ``rng`` in :func:`encode`).
     entropy : bool
-        Run the lossless zlib stage on the code (or value) stream and on the mask stream (kept
-        per stream only when it makes that stream smaller).
+        Run the lossless zlib stage on the code (or value) stream and on the mask and select
+        streams (kept per stream only when it makes that stream smaller).
+    topk : float
+        Fraction in ``(0, 1]`` of each tensor's candidate entries (its kept entries if masked,
+        else all) that is transmitted: the ``ceil(topk * n)`` largest in magnitude, the rest
+        decodes as ``0.0``. For updates, with error feedback (:func:`residual`) carrying what
+        was not sent; ``1.0`` sends every candidate and adds no ``select`` stream.
     """
 
     quant: QuantMode = "int8-channel"
     rounding: RoundingMode = "nearest"
     entropy: bool = False
+    topk: float = 1.0
 
     def __post_init__(self) -> None:
         if self.quant not in get_args(QuantMode):
@@ -200,6 +220,8 @@ class CodecConfig:
             )
         if not isinstance(self.entropy, bool):
             raise ValueError(f"entropy must be a bool, got {self.entropy!r}")
+        if not (isinstance(self.topk, (int, float)) and 0.0 < self.topk <= 1.0):
+            raise ValueError(f"topk must be in (0, 1], got {self.topk!r}")
 
 
 # ==============================================================================================
@@ -617,6 +639,10 @@ class _Entry:
     """Offset of the tensor's step sizes in the ``scale`` stream."""
     bit_start: int
     """Bit offset of the tensor's mask in the ``mask`` stream (if its bits are sent)."""
+    n_candidates: int = 0
+    """Entries the selection chose from (only with :data:`FLAG_SELECTED`)."""
+    select_start: int = 0
+    """Bit offset of the tensor's selection in the ``select`` stream."""
 
     @property
     def mode(self) -> int:
@@ -633,6 +659,16 @@ class _Entry:
     @property
     def n_bits(self) -> int:
         return self.size if self.flags & FLAG_MASK_SENT else 0
+
+    @property
+    def n_select_bits(self) -> int:
+        return self.n_candidates if self.flags & FLAG_SELECTED else 0
+
+    @property
+    def meta(self) -> list[int]:
+        """Return the tensor's entry in ``meta``."""
+        tail = [self.n_candidates] if self.flags & FLAG_SELECTED else []
+        return [self.flags, self.n_values, len(self.shape), *self.shape, *tail]
 
 
 def _check_name(name: object) -> str:
@@ -707,7 +743,8 @@ def encode(
     entries: list[_Entry] = []
     arrays: list[NDArray[np.float32]] = []
     tensor_masks: list[NDArray[np.bool_] | None] = []
-    n_values = n_scales = n_bits = 0
+    selections: list[NDArray[np.bool_] | None] = []
+    n_values = n_scales = n_bits = n_select = 0
     for name, tensor in tensors.items():
         x = _as_float32(_check_name(name), tensor)
         flags = _effective_quant(quant, x.ndim)
@@ -718,13 +755,20 @@ def encode(
             mask = _check_mask(name, mask, x.shape)
             flags |= FLAG_MASKED | (FLAG_MASK_SENT if send_masks else 0)
             kept = int(np.count_nonzero(mask))
-        entry = _Entry(name, flags, kept, x.shape, n_values, n_scales, n_bits)
+        candidates, selection = kept, None
+        if config.topk < 1.0:
+            selection = _select_topk(name, x, mask, config.topk)
+            flags |= FLAG_SELECTED
+            kept = int(np.count_nonzero(selection))
+        entry = _Entry(name, flags, kept, x.shape, n_values, n_scales, n_bits, candidates, n_select)
         entries.append(entry)
         arrays.append(x)
         tensor_masks.append(mask)
+        selections.append(selection)
         n_values += entry.n_values
         n_scales += entry.n_scales
         n_bits += entry.n_bits
+        n_select += entry.n_select_bits
 
     # Pass 2: quantize (or copy) every tensor straight into its slice of the streams.
     stream: np.ndarray
@@ -735,13 +779,19 @@ def encode(
         stream = np.empty(n_values, dtype=np.int8)
         scales = np.empty(n_scales, dtype=np.float32)
     bits = np.zeros((n_bits + 7) // 8, dtype=np.uint8) if send_masks and masks else None
-    for entry, x, mask in zip(entries, arrays, tensor_masks, strict=True):
+    select = np.zeros((n_select + 7) // 8, dtype=np.uint8) if config.topk < 1.0 else None
+    for entry, x, mask, selection in zip(entries, arrays, tensor_masks, selections, strict=True):
+        sent = mask
+        if selection is not None:
+            assert select is not None
+            _pack_bits_at(select, entry.select_start, selection)
+            sent = _selected_mask(x.shape, mask, selection)
         out = stream[entry.value_start : entry.value_start + entry.n_values]
         if scales is None:
-            _copy_values(entry.name, x, mask, out)
+            _copy_values(entry.name, x, sent, out)
         else:
             scale_out = scales[entry.scale_start : entry.scale_start + entry.n_scales]
-            _quantize_into(entry, x, mask, config.rounding, rng, out, scale_out)
+            _quantize_into(entry, x, sent, config.rounding, rng, out, scale_out)
         if bits is not None and mask is not None:
             _pack_bits_at(bits, entry.bit_start, mask.reshape(-1))
 
@@ -752,10 +802,13 @@ def encode(
         if bits is not None:
             bits, compressed = _maybe_deflate(bits)
             flags |= FLAG_MASK_ZLIB if compressed else 0
+        if select is not None:
+            select, compressed = _maybe_deflate(select)
+            flags |= FLAG_SELECT_ZLIB if compressed else 0
 
     meta: list[int] = [FORMAT_VERSION, flags, len(entries)]
     for entry in entries:
-        meta += [entry.flags, entry.n_values, len(entry.shape), *entry.shape]
+        meta += entry.meta
     payload: Payload = {
         KEY_META: np.array(meta, dtype=np.int64),
         KEY_NAMES: _names_array([entry.name for entry in entries]),
@@ -765,9 +818,41 @@ def encode(
     else:
         payload[KEY_CODES] = stream
         payload[KEY_SCALE] = scales
+    if select is not None:
+        payload[KEY_SELECT] = select
     if bits is not None:
         payload[KEY_MASK] = bits
     return payload
+
+
+def _select_topk(
+    name: str, x: NDArray[np.float32], mask: NDArray[np.bool_] | None, topk: float
+) -> NDArray[np.bool_]:
+    """Return, per candidate entry of ``x`` (C order), whether it is among the top-k by |x|."""
+    candidates = x.reshape(-1) if mask is None else x.reshape(-1)[mask.reshape(-1)]
+    magnitude = np.abs(candidates)
+    if not np.isfinite(magnitude).all():
+        raise ValueError(f"tensor {name!r} has non-finite (NaN or inf) entries")
+    k = math.ceil(topk * magnitude.size)
+    selection = np.zeros(magnitude.size, dtype=np.bool_)
+    if k >= magnitude.size:
+        selection[:] = True
+    elif k > 0:
+        # Stable ranking: equal magnitudes go to the lower index, the same on every machine.
+        order = np.argsort(-magnitude, kind="stable")
+        selection[order[:k]] = True
+    return selection
+
+
+def _selected_mask(
+    shape: tuple[int, ...], mask: NDArray[np.bool_] | None, selection: NDArray[np.bool_]
+) -> NDArray[np.bool_]:
+    """Expand a selection over candidate entries to a mask over the whole tensor."""
+    if mask is None:
+        return selection.reshape(shape)
+    out = np.zeros(math.prod(shape), dtype=np.bool_)
+    out[np.flatnonzero(mask)[selection]] = True
+    return out.reshape(shape)
 
 
 def _copy_values(
@@ -814,6 +899,7 @@ class _Layout:
     n_values: int
     n_scales: int
     n_bits: int
+    n_select: int = 0
 
     @property
     def quant(self) -> int:
@@ -823,6 +909,8 @@ class _Layout:
         """Return the key set these flags and tensors imply, in :func:`encode` order."""
         keys = [KEY_META, KEY_NAMES]
         keys += [KEY_VALUES] if self.quant == _QUANT_NONE else [KEY_CODES, KEY_SCALE]
+        if any(entry.flags & FLAG_SELECTED for entry in self.entries):
+            keys.append(KEY_SELECT)
         if any(entry.flags & FLAG_MASK_SENT for entry in self.entries):
             keys.append(KEY_MASK)
         return keys
@@ -891,7 +979,7 @@ def _parse_layout(payload: Mapping[str, np.ndarray]) -> _Layout:
     quant = flags & QUANT_BITS
     entries: list[_Entry] = []
     pos = _META_HEAD
-    n_values = n_scales = n_bits = 0
+    n_values = n_scales = n_bits = n_select = 0
     for name in names:
         where = f"{label}, tensor {name!r}"
         if pos + _TENSOR_HEAD > len(meta):
@@ -913,18 +1001,38 @@ def _parse_layout(payload: Mapping[str, np.ndarray]) -> _Layout:
             )
         if tflags & FLAG_MASK_SENT and not tflags & FLAG_MASKED:
             raise ValueError(f"{where}: mask sent for a dense tensor")
-        entry = _Entry(name, tflags, kept, shape, n_values, n_scales, n_bits)
-        if not 0 <= kept <= entry.size or (not tflags & FLAG_MASKED and kept != entry.size):
-            raise ValueError(f"{where}: {kept} values for a tensor of {entry.size} entries")
+        size = math.prod(shape)
+        candidates = 0
+        if tflags & FLAG_SELECTED:
+            if pos >= len(meta):
+                raise ValueError(f"{where}: truncated entry (no candidate count)")
+            candidates = meta[pos]
+            pos += 1
+            if not 0 <= kept <= candidates <= size:
+                raise ValueError(
+                    f"{where}: {kept} values selected from {candidates} candidates of "
+                    f"{size} entries"
+                )
+            if not tflags & FLAG_MASKED and candidates != size:
+                raise ValueError(f"{where}: {candidates} candidates for a dense tensor")
+        elif not 0 <= kept <= size or (not tflags & FLAG_MASKED and kept != size):
+            raise ValueError(f"{where}: {kept} values for a tensor of {size} entries")
+        entry = _Entry(name, tflags, kept, shape, n_values, n_scales, n_bits, candidates, n_select)
         entries.append(entry)
         n_values += kept
         n_scales += entry.n_scales
         n_bits += entry.n_bits
+        n_select += entry.n_select_bits
     if pos != len(meta):
         raise ValueError(f"{label} has {len(meta) - pos} trailing entries")
     if flags & FLAG_MASK_ZLIB and not any(e.flags & FLAG_MASK_SENT for e in entries):
         raise ValueError(f"{label}: compressed mask flagged but no mask sent")
-    layout = _Layout(flags, entries, n_values, n_scales, n_bits)
+    selected = [bool(e.flags & FLAG_SELECTED) for e in entries]
+    if any(selected) and not all(selected):
+        raise ValueError(f"{label}: top-k selection flagged for some tensors only")
+    if flags & FLAG_SELECT_ZLIB and not any(selected):
+        raise ValueError(f"{label}: compressed selection flagged but nothing selected")
+    layout = _Layout(flags, entries, n_values, n_scales, n_bits, n_select)
     expected = layout.expected_keys()
     missing = [key for key in expected if key not in payload]
     if missing:
@@ -988,6 +1096,25 @@ def _read_mask_bits(payload: Mapping[str, np.ndarray], layout: _Layout) -> NDArr
     return bits
 
 
+def _read_select_bits(
+    payload: Mapping[str, np.ndarray], layout: _Layout
+) -> NDArray[np.uint8] | None:
+    """Validate the ``select`` stream (``None`` without top-k selection)."""
+    if KEY_SELECT not in payload:
+        return None
+    bits = _read_stream(
+        KEY_SELECT,
+        payload[KEY_SELECT],
+        np.dtype(np.uint8),
+        (layout.n_select + 7) // 8,
+        bool(layout.flags & FLAG_SELECT_ZLIB),
+    )
+    pad = -layout.n_select % 8
+    if pad and bits[-1] & ((1 << pad) - 1):
+        raise ValueError(f"{_label(KEY_SELECT)} has non-zero padding bits")
+    return bits
+
+
 def _tensor_mask(
     entry: _Entry, bits: NDArray[np.uint8] | None, masks: Mapping[str, np.ndarray] | None
 ) -> NDArray[np.bool_]:
@@ -1009,17 +1136,28 @@ def _decode_entry(
     scales: NDArray[np.float32] | None,
     bits: NDArray[np.uint8] | None,
     masks: Mapping[str, np.ndarray] | None,
+    select: NDArray[np.uint8] | None = None,
 ) -> NDArray[np.float32]:
     """Decode one tensor from its slices of the (validated) streams into fresh float32 memory."""
     data = stream[entry.value_start : entry.value_start + entry.n_values]
     flat_idx: NDArray[np.int64] | None = None
     if entry.flags & FLAG_MASKED:
         flat_idx = np.flatnonzero(_tensor_mask(entry, bits, masks))
-        if flat_idx.size != entry.n_values:
+    if entry.flags & FLAG_SELECTED:
+        assert select is not None  # the key set was checked
+        candidates = entry.size if flat_idx is None else flat_idx.size
+        if candidates != entry.n_candidates:
             raise ValueError(
-                f"tensor {entry.name!r}: {entry.n_values} transmitted values but the mask keeps "
-                f"{flat_idx.size}"
+                f"tensor {entry.name!r}: selection over {entry.n_candidates} candidates but the "
+                f"mask keeps {candidates}"
             )
+        chosen = np.flatnonzero(_unpack_bits_at(select, entry.select_start, candidates))
+        flat_idx = chosen if flat_idx is None else flat_idx[chosen]
+    if flat_idx is not None and flat_idx.size != entry.n_values:
+        raise ValueError(
+            f"tensor {entry.name!r}: {entry.n_values} transmitted values but the mask "
+            f"{'and selection ' if entry.flags & FLAG_SELECTED else ''}keeps {flat_idx.size}"
+        )
     if scales is None:
         if flat_idx is None:
             # Copy: the result must not alias (possibly read-only) payload memory.
@@ -1082,8 +1220,10 @@ def decode(
             raise ValueError(f"{_label(KEY_CODES)} has the code -128")
         scales = _check_scales(_label(KEY_SCALE), payload[KEY_SCALE], layout.n_scales)
     bits = _read_mask_bits(payload, layout)
+    select = _read_select_bits(payload, layout)
     return {
-        entry.name: _decode_entry(entry, stream, scales, bits, masks) for entry in layout.entries
+        entry.name: _decode_entry(entry, stream, scales, bits, masks, select)
+        for entry in layout.entries
     }
 
 

@@ -90,6 +90,8 @@ def _payloads() -> dict[str, codec.Payload]:
         "many tensors float32 cached": codec.encode(
             many, CodecConfig(quant="none"), masks=many_masks, send_masks=False
         ),
+        "top-k update": codec.encode(model, CodecConfig(topk=0.25), masks=masks),
+        "top-k update entropy": codec.encode(model, CodecConfig(topk=0.1, entropy=True)),
         "empty model": codec.encode({}, CodecConfig()),
         "unicode names": codec.encode(
             {"\u00e9t\u00e9.weight": np.ones((2, 2), np.float32), '"b" \\': np.ones(2)},
