@@ -48,29 +48,55 @@ def node_partition(context: Context) -> tuple[int, int]:
     return partition_id, num_partitions
 
 
+def _store(context: Context, name: str, version: int, arrays: dict[str, np.ndarray]) -> None:
+    """Keep ``arrays`` in ``context.state`` under ``name``, tagged with ``version``."""
+    context.state[name] = to_record(arrays)
+    context.state[f"{name}-meta"] = ConfigRecord({keys.MASK_VERSION: version})
+
+
+def _load(context: Context, name: str, version: int, what: str) -> dict[str, np.ndarray]:
+    """Return the arrays kept under ``name`` if they carry ``version``, else raise."""
+    meta = context.state.config_records.get(f"{name}-meta")
+    cached = None if meta is None else scalar(meta, keys.MASK_VERSION, int)
+    if cached != version:
+        raise ValueError(
+            f"the server assumes this node holds {what} v{version}; it holds v{cached}"
+        )
+    return from_record(context.state.array_records[name])
+
+
 def receive(
     msg: Message, context: Context, cfg: RunConfig
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """Decode the downlink into float32 weights and the global mask (``None`` if dense)."""
+    """Decode the downlink into float32 weights and the global mask (``None`` if dense).
+
+    The mask comes from the payload when the server sent its bits, else from the node's cache.
+    A ``delta`` downlink is added to the reference model the node kept from the last round
+    (with newly pruned entries zeroed); the result becomes the new reference.
+    """
     arrays = from_record(msg.content.array_records[keys.ARRAYS])
     if not cfg.compressed:
         return arrays, None
     config = msg.content.config_records[keys.CONFIG]
-    version = scalar(config, keys.MASK_VERSION, int, 0)
+    mask_version = scalar(config, keys.MASK_VERSION, int, 0)
     masks: dict[str, np.ndarray] | None = codec.payload_masks(arrays) or None
     if masks is not None:
-        context.state[keys.STATE_MASK] = to_record(masks)
-        context.state[keys.STATE_MASK_META] = ConfigRecord({keys.MASK_VERSION: version})
-    elif version > 0:
-        meta = context.state.config_records.get(keys.STATE_MASK_META)
-        cached = None if meta is None else scalar(meta, keys.MASK_VERSION, int)
-        if cached != version:
-            raise ValueError(
-                f"the server sent no mask bits for global mask v{version}, "
-                f"but this node holds v{cached}"
-            )
-        masks = from_record(context.state.array_records[keys.STATE_MASK])
-    return codec.decode(arrays, masks=masks), masks
+        _store(context, keys.STATE_MASK, mask_version, masks)
+    elif mask_version > 0:
+        masks = _load(context, keys.STATE_MASK, mask_version, "global mask")
+    decoded = codec.decode(arrays, masks=masks)
+    if keys.REF_VERSION not in config:
+        return decoded, masks
+    ref_version = scalar(config, keys.REF_VERSION, int)
+    if scalar(config, keys.PAYLOAD_KIND, str) == "delta":
+        reference = _load(context, keys.STATE_REF, ref_version - 1, "reference model")
+        for name, change in decoded.items():
+            base = reference[name]
+            if masks is not None and name in masks:
+                base = np.where(masks[name], base, np.float32(0.0))
+            decoded[name] = base + change
+    _store(context, keys.STATE_REF, ref_version, decoded)
+    return decoded, masks
 
 
 def _encode_reply(

@@ -82,6 +82,8 @@ class RunConfig:
     quant: QuantMode = "int8-channel"
     entropy: bool = False
     error_feedback: bool = True
+    update_topk: float = 1.0
+    delta_downlink: bool = False
     # Differential privacy (client-side DP-SGD with Opacus)
     dp: bool = False
     noise_multiplier: float = 0.0
@@ -169,6 +171,7 @@ class RunConfig:
             f"must be >= prune-start-round={self.prune_start_round}",
         )
         _check(0.0 < self.vote_threshold <= 1.0, "vote-threshold", "must be in (0, 1]")
+        _check(0.0 < self.update_topk <= 1.0, "update-topk", "must be in (0, 1]")
         if self.strategy == "fedavg":
             _check(
                 self.target_density == 1.0,
@@ -180,6 +183,8 @@ class RunConfig:
                 "inner-strategy",
                 "only applies to strategy='compressed'",
             )
+            _check(self.update_topk == 1.0, "update-topk", "needs strategy='compressed'")
+            _check(not self.delta_downlink, "delta-downlink", "needs strategy='compressed'")
         if self.dp:
             _check(self.max_grad_norm > 0.0, "max-grad-norm", "must be > 0 when dp is on")
             _check(0.0 < self.target_delta < 1.0, "target-delta", "must be in (0, 1)")
@@ -204,8 +209,12 @@ class RunConfig:
         _check(self.target_epsilon >= 0.0, "target-epsilon", "must be >= 0")
 
     def codec(self) -> CodecConfig:
-        """Return the payload codec settings (the same in both directions)."""
+        """Return the codec of model weights (downlink; every kept entry travels)."""
         return CodecConfig(quant=self.quant, entropy=self.entropy)
+
+    def update_codec(self) -> CodecConfig:
+        """Return the codec of updates (uplink deltas, delta downlink): top-k sparsified."""
+        return CodecConfig(quant=self.quant, entropy=self.entropy, topk=self.update_topk)
 
     @property
     def compressed(self) -> bool:

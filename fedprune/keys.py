@@ -28,7 +28,9 @@ VOTE: Final = "vote"
 MASK_VERSION: Final = "mask-version"
 """Version of the global mask; the payload omits the mask bits when the node already has it."""
 PAYLOAD_KIND: Final = "payload-kind"
-"""'weights' (downlink) or 'delta' (uplink)."""
+"""Downlink: 'weights' (the global model) or 'delta' (its change since REF_VERSION - 1)."""
+REF_VERSION: Final = "ref-version"
+"""Version of the reference model a node holds after applying this downlink (delta-downlink)."""
 
 # -- Metric keys (client -> server, and the server's per-round record) -----------------------
 NUM_EXAMPLES: Final = "num-examples"
@@ -42,9 +44,9 @@ NUM_REJECTED: Final = "num-rejected"
 
 # -- Client state (context.state; never on the wire) ----------------------------------------
 STATE_MASK: Final = "mask-cache"
-"""ArrayRecord: the last global mask this node received."""
-STATE_MASK_META: Final = "mask-cache-meta"
-"""ConfigRecord: the version of the cached mask, under MASK_VERSION."""
+"""ArrayRecord: the last global mask this node received (its version: '<name>-meta')."""
+STATE_REF: Final = "ref-model"
+"""ArrayRecord: the global model as this node reconstructed it (delta-downlink reference)."""
 STATE_RESIDUAL: Final = "ef-residual"
 """ArrayRecord: the error-feedback residual of the last uplink."""
 STATE_ACCOUNTANT: Final = "dp-accountant"

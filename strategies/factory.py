@@ -131,5 +131,11 @@ def build_strategy(
             ReconcileConfig(rule=cfg.reconcile_rule, threshold=cfg.vote_threshold),
         )
         inner = masking
-    payload = CompressedPayload(ReplyValidation(inner, limits), cfg.codec(), rng)
+    payload = CompressedPayload(
+        ReplyValidation(inner, limits),
+        cfg.codec(),
+        rng,
+        update_codec=cfg.update_codec(),
+        delta_downlink=cfg.delta_downlink,
+    )
     return BuiltStrategy(WireAccounting(payload), payload, masking)

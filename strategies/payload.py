@@ -7,7 +7,8 @@ differ end the run. :class:`CompressedPayload` therefore sits *outside* the aggr
 - downlink: the inner strategy configures float32 messages; this wrapper replaces each message's
   arrays by an encoded payload of the global **weights** (int8 per tensor or per channel, sparse
   under the global mask, optional entropy stage). Mask bits travel only to nodes that do not hold
-  the current mask version.
+  the current mask version. With ``delta_downlink``, nodes that hold last round's reference model
+  get only its change, encoded like an update.
 - uplink: each reply carries an encoded **delta** against the weights the client received. The
   wrapper decodes it, reconstructs the client's model as ``g + delta`` with its own
   full-precision global ``g``, and hands float32 replies to the inner strategy. A reply that fails
@@ -40,62 +41,120 @@ class CompressedPayload(Strategy):
         The inner strategy (FedAvg, FedAdam, FedMedian, ... or a :class:`MaskReconciliation`
         around one). It sees float32 arrays keyed by parameter name, never codes.
     codec_config : codec.CodecConfig
-        Quantization and entropy settings used in both directions.
+        How the global weights are encoded (every kept entry travels).
     rng : np.random.Generator
         Randomness for stochastic rounding of the downlink.
+    update_codec : codec.CodecConfig, optional
+        How a downlink *change* is encoded with ``delta_downlink`` (e.g. top-k); defaults to
+        ``codec_config``. Uplink replies are decoded whatever their settings.
+    delta_downlink : bool
+        Send nodes that hold last round's reference model only its change (see
+        :meth:`encode_messages`).
     """
 
     def __init__(
-        self, strategy: Strategy, codec_config: codec.CodecConfig, rng: np.random.Generator
+        self,
+        strategy: Strategy,
+        codec_config: codec.CodecConfig,
+        rng: np.random.Generator,
+        *,
+        update_codec: codec.CodecConfig | None = None,
+        delta_downlink: bool = False,
     ) -> None:
         self.strategy = strategy
         self.codec_config = codec_config
+        self.update_codec = update_codec or codec_config
+        self.delta_downlink = delta_downlink
         self.rng = rng
         self._global: dict[str, np.ndarray] = {}
         self._masks: dict[str, np.ndarray] | None = None
         self._mask_version = 0
         self._vote_kind = "none"
         self._node_mask_version: dict[int, int] = {}
+        self._ref: dict[str, np.ndarray] | None = None
+        self._ref_version = 0
+        self._node_ref_version: dict[int, int] = {}
         self.num_rejected: dict[int, int] = {}
 
     # -- downlink ---------------------------------------------------------------------------
-    def encode_messages(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
-        """Replace each message's float32 arrays by the encoded global weights."""
+    def _round_state(self, content: RecordDict) -> ConfigRecord:
+        """Read the mask and config that the inner wrappers attached to this round's messages."""
+        mask_record = content.array_records.get(keys.GLOBAL_MASK)
+        config = content.config_records.get(keys.CONFIG, ConfigRecord())
+        self._vote_kind = scalar(config, keys.VOTE, str, "none")
+        if mask_record is not None:
+            self._masks = {k: v.astype(bool) for k, v in from_record(mask_record).items()}
+            self._mask_version = scalar(config, keys.MASK_VERSION, int, 0)
+        else:
+            self._masks = None
+        return config
+
+    def _masked(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Zero the entries of ``arrays`` that the current global mask prunes."""
+        if self._masks is None:
+            return arrays
+        return {
+            name: np.where(self._masks[name], a, np.float32(0.0)) if name in self._masks else a
+            for name, a in arrays.items()
+        }
+
+    def encode_messages(
+        self, messages: Iterable[Message], arrays: ArrayRecord, *, train: bool = True
+    ) -> list[Message]:
+        """Replace each message's float32 arrays by an encoded payload.
+
+        Every node gets the global weights, except with ``delta_downlink`` (training messages
+        only): a node known to hold the reference model of the previous round gets the change
+        ``g - reference`` instead, encoded like an update (top-k, error carried by the
+        reference: next round's change is computed against what the nodes really hold).
+        """
         self._global = from_record(arrays)
-        encoded: dict[tuple[int, bool], ArrayRecord] = {}
+        messages = list(messages)
+        if not messages:
+            return []
+        config = self._round_state(messages[0].content)
+        use_delta = train and self.delta_downlink
+        base: dict[str, np.ndarray] | None = None
+        if use_delta and self._ref is not None:
+            base = self._masked(self._ref)
+        encoded: dict[tuple[str, bool], codec.Payload] = {}
+
+        def payload(kind: str, send_masks: bool) -> codec.Payload:
+            if (kind, send_masks) not in encoded:
+                if kind == "delta":
+                    assert base is not None
+                    tensors = {k: g - base[k] for k, g in self._global.items()}
+                    config_ = self.update_codec
+                else:
+                    tensors, config_ = self._global, self.codec_config
+                encoded[kind, send_masks] = codec.encode(
+                    tensors, config_, masks=self._masks, send_masks=send_masks, rng=self.rng
+                )
+            return encoded[kind, send_masks]
+
         out: list[Message] = []
+        kinds: list[str] = []
         for message in messages:
-            content = message.content
-            mask_record = content.array_records.get(keys.GLOBAL_MASK)
-            config = content.config_records.get(keys.CONFIG, ConfigRecord())
-            self._vote_kind = scalar(config, keys.VOTE, str, "none")
-            if mask_record is not None:
-                self._masks = {k: v.astype(bool) for k, v in from_record(mask_record).items()}
-                self._mask_version = scalar(config, keys.MASK_VERSION, int, 0)
-            else:
-                self._masks = None
             node = message.metadata.dst_node_id
             send_masks = (
                 self._masks is not None and self._node_mask_version.get(node) != self._mask_version
             )
-            cache_key = (id(content), send_masks)
-            if cache_key not in encoded:
-                payload = codec.encode(
-                    self._global,
-                    self.codec_config,
-                    masks=self._masks,
-                    send_masks=send_masks,
-                    rng=self.rng,
-                )
-                encoded[cache_key] = to_record(payload)
+            holds_ref = base is not None and self._node_ref_version.get(node) == self._ref_version
+            kind = "delta" if holds_ref else "weights"
+            kinds.append(kind)
+            node_config = ConfigRecord(dict(config))
+            node_config[keys.PAYLOAD_KIND] = kind
+            if use_delta:
+                node_config[keys.REF_VERSION] = self._ref_version + 1
             records = RecordDict(
                 {
                     name: record
-                    for name, record in content.items()
-                    if name not in (keys.ARRAYS, keys.GLOBAL_MASK)
+                    for name, record in message.content.items()
+                    if name not in (keys.ARRAYS, keys.GLOBAL_MASK, keys.CONFIG)
                 }
             )
-            records[keys.ARRAYS] = encoded[cache_key]
+            records[keys.ARRAYS] = to_record(payload(kind, send_masks))
+            records[keys.CONFIG] = node_config
             out.append(
                 Message(
                     content=records,
@@ -104,6 +163,18 @@ class CompressedPayload(Strategy):
                     group_id=message.metadata.group_id,
                 )
             )
+        if use_delta:
+            # The reference every node holds after this round (exactly, for delta receivers;
+            # weights receivers hold its int8 image, an error that does not accumulate).
+            if "delta" in kinds:
+                assert base is not None
+                sent = next(p for (k, _), p in encoded.items() if k == "delta")
+                change = codec.decode(sent, masks=self._masks)
+                self._ref = {k: base[k] + change[k] for k in base}
+            else:
+                sent = next(iter(encoded.values()))
+                self._ref = codec.decode(sent, masks=self._masks)
+            self._ref_version += 1
         return out
 
     def configure_train(
@@ -118,7 +189,7 @@ class CompressedPayload(Strategy):
     ) -> Iterable[Message]:
         """Configure evaluation with the inner strategy, then encode the downlink."""
         messages = self.strategy.configure_evaluate(server_round, arrays, config, grid)
-        return self.encode_messages(messages, arrays)
+        return self.encode_messages(messages, arrays, train=False)
 
     # -- uplink -----------------------------------------------------------------------------
     def decode_reply(self, reply: Message) -> None:
@@ -183,6 +254,8 @@ class CompressedPayload(Strategy):
                     )
                     continue
                 self._node_mask_version[reply.metadata.src_node_id] = self._mask_version
+                if self.delta_downlink:
+                    self._node_ref_version[reply.metadata.src_node_id] = self._ref_version
             accepted.append(reply)
         self.num_rejected[server_round] = rejected
         arrays, metrics = self.strategy.aggregate_train(server_round, accepted)

@@ -210,3 +210,54 @@ def test_records_round_trip_keeps_shapes_dtypes_and_order() -> None:
     for name, a in arrays.items():
         assert back[name].shape == a.shape and back[name].dtype == a.dtype
         np.testing.assert_array_equal(back[name], a)
+
+
+def test_delta_downlink_keeps_server_and_node_references_identical() -> None:
+    from flwr.app import Context
+
+    from clients.client_app import receive
+    from fedprune.config import RunConfig
+
+    cfg = RunConfig(update_topk=0.5, delta_downlink=True)
+    wrapper = CompressedPayload(
+        RecordingFedAvg(),
+        cfg.codec(),
+        np.random.default_rng(0),
+        update_codec=cfg.update_codec(),
+        delta_downlink=True,
+    )
+    contexts = {n: Context(1, n, {}, RecordDict(), {}) for n in (1, 2)}
+    rng = np.random.default_rng(5)
+    global_model = {k: v.copy() for k, v in GLOBAL.items()}
+    for server_round in (1, 2, 3):
+        config_record = ConfigRecord({keys.SERVER_ROUND: server_round})
+        record = RecordDict({keys.ARRAYS: to_record(global_model), keys.CONFIG: config_record})
+        messages = [
+            Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN) for n in (1, 2)
+        ]
+        sent = wrapper.encode_messages(messages, to_record(global_model))
+        replies = []
+        for message in sent:
+            node = message.metadata.dst_node_id
+            kind = message.content.config_records[keys.CONFIG][keys.PAYLOAD_KIND]
+            encoded = from_record(message.content.array_records[keys.ARRAYS])
+            assert ("select" in encoded) == (kind == "delta")  # deltas are top-k sparsified
+            start, _ = receive(message, contexts[node], cfg)
+            if node == 1 or server_round == 3:  # node 2 misses round 2
+                assert wrapper._ref is not None
+                for name in start:
+                    if kind == "delta":  # bit-identical to the server's reference
+                        np.testing.assert_array_equal(start[name], wrapper._ref[name])
+                    else:  # the int8 image of the global model
+                        np.testing.assert_allclose(start[name], global_model[name], atol=0.02)
+                zero = {k: np.zeros_like(v) for k, v in start.items()}
+                replies.append(reply(message, zero, 1))
+        assert [m.content.config_records[keys.CONFIG][keys.PAYLOAD_KIND] for m in sent] == {
+            1: ["weights", "weights"],
+            2: ["delta", "weights"],
+            3: ["delta", "weights"],
+        }[server_round]
+        wrapper.aggregate_train(server_round, replies)
+        global_model = {
+            k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in global_model.items()
+        }
