@@ -1079,39 +1079,16 @@ def _check_scales(label: str, scales: object, expected: int) -> NDArray[np.float
     return scales
 
 
-def _read_mask_bits(payload: Mapping[str, np.ndarray], layout: _Layout) -> NDArray[np.uint8] | None:
-    """Validate the ``mask`` stream (``None`` when no tensor sends its bits)."""
-    if KEY_MASK not in payload:
-        return None
-    bits = _read_stream(
-        KEY_MASK,
-        payload[KEY_MASK],
-        np.dtype(np.uint8),
-        (layout.n_bits + 7) // 8,
-        bool(layout.flags & FLAG_MASK_ZLIB),
-    )
-    pad = -layout.n_bits % 8
-    if pad and bits[-1] & ((1 << pad) - 1):
-        raise ValueError(f"{_label(KEY_MASK)} has non-zero padding bits")
-    return bits
-
-
-def _read_select_bits(
-    payload: Mapping[str, np.ndarray], layout: _Layout
+def _read_bits(
+    payload: Mapping[str, np.ndarray], key: str, n_bits: int, compressed: bool
 ) -> NDArray[np.uint8] | None:
-    """Validate the ``select`` stream (``None`` without top-k selection)."""
-    if KEY_SELECT not in payload:
+    """Validate a bit stream (``mask`` or ``select``); ``None`` when the payload has none."""
+    if key not in payload:
         return None
-    bits = _read_stream(
-        KEY_SELECT,
-        payload[KEY_SELECT],
-        np.dtype(np.uint8),
-        (layout.n_select + 7) // 8,
-        bool(layout.flags & FLAG_SELECT_ZLIB),
-    )
-    pad = -layout.n_select % 8
+    bits = _read_stream(key, payload[key], np.dtype(np.uint8), (n_bits + 7) // 8, compressed)
+    pad = -n_bits % 8
     if pad and bits[-1] & ((1 << pad) - 1):
-        raise ValueError(f"{_label(KEY_SELECT)} has non-zero padding bits")
+        raise ValueError(f"{_label(key)} has non-zero padding bits")
     return bits
 
 
@@ -1219,8 +1196,8 @@ def decode(
         if stream.size and stream.min() < -QMAX:
             raise ValueError(f"{_label(KEY_CODES)} has the code -128")
         scales = _check_scales(_label(KEY_SCALE), payload[KEY_SCALE], layout.n_scales)
-    bits = _read_mask_bits(payload, layout)
-    select = _read_select_bits(payload, layout)
+    bits = _read_bits(payload, KEY_MASK, layout.n_bits, bool(layout.flags & FLAG_MASK_ZLIB))
+    select = _read_bits(payload, KEY_SELECT, layout.n_select, bool(layout.flags & FLAG_SELECT_ZLIB))
     return {
         entry.name: _decode_entry(entry, stream, scales, bits, masks, select)
         for entry in layout.entries
@@ -1247,7 +1224,7 @@ def payload_masks(payload: Mapping[str, np.ndarray]) -> dict[str, NDArray[np.boo
     """
     _check_keys(payload)
     layout = _parse_layout(payload)
-    bits = _read_mask_bits(payload, layout)
+    bits = _read_bits(payload, KEY_MASK, layout.n_bits, bool(layout.flags & FLAG_MASK_ZLIB))
     return {
         entry.name: _tensor_mask(entry, bits, None)
         for entry in layout.entries

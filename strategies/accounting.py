@@ -24,6 +24,7 @@ from flwr.supercore.inflatable.inflatable_object import (
 )
 
 from fedprune import keys
+from strategies.wrapper import StrategyWrapper
 
 
 def object_tree_bytes(obj: InflatableObject) -> int:
@@ -64,7 +65,7 @@ class RoundTraffic:
     wall_s: float = 0.0
 
 
-class WireAccounting(Strategy):
+class WireAccounting(StrategyWrapper):
     """Count the serialized bytes of every message a strategy sends and receives.
 
     Composes over any Message-API strategy (it is the outermost wrapper, so it sees exactly
@@ -84,7 +85,7 @@ class WireAccounting(Strategy):
         strategy: Strategy,
         on_round_end: Callable[[RoundTraffic], None] | None = None,
     ) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.on_round_end = on_round_end
         self.rounds: dict[int, RoundTraffic] = {}
 

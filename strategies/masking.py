@@ -28,6 +28,7 @@ from fedprune import keys
 from fedprune.masks import ReconcileConfig, mask_density, reconcile
 from fedprune.pruning import polynomial_density
 from strategies.records import from_record, scalar, to_record
+from strategies.wrapper import StrategyWrapper
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class DensitySchedule:
         )
 
 
-class MaskReconciliation(Strategy):
+class MaskReconciliation(StrategyWrapper):
     """Keep a global pruning mask, reconcile client votes into it, enforce it.
 
     Parameters
@@ -72,7 +73,7 @@ class MaskReconciliation(Strategy):
         schedule: DensitySchedule,
         reconcile_config: ReconcileConfig,
     ) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.prunable = list(prunable)
         self.schedule = schedule
         self.reconcile_config = reconcile_config
@@ -175,12 +176,6 @@ class MaskReconciliation(Strategy):
         for name, keep in self.mask.items():
             weights[name] = np.where(keep, weights[name], np.float32(0.0)).astype(np.float32)
         return to_record(weights)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Aggregate evaluation metrics with the inner strategy."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         """Log the schedule and rule, then the inner strategy."""

@@ -30,9 +30,10 @@ from flwr.supercore import log
 
 from fedprune import codec, keys
 from strategies.records import from_record, scalar, to_record
+from strategies.wrapper import StrategyWrapper
 
 
-class CompressedPayload(Strategy):
+class CompressedPayload(StrategyWrapper):
     """Wrap a strategy so that only encoded payloads travel and only decoded floats aggregate.
 
     Parameters
@@ -61,7 +62,7 @@ class CompressedPayload(Strategy):
         update_codec: codec.CodecConfig | None = None,
         delta_downlink: bool = False,
     ) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.codec_config = codec_config
         self.update_codec = update_codec or codec_config
         self.delta_downlink = delta_downlink
@@ -260,14 +261,9 @@ class CompressedPayload(Strategy):
         self.num_rejected[server_round] = rejected
         arrays, metrics = self.strategy.aggregate_train(server_round, accepted)
         metrics = MetricRecord() if metrics is None else metrics
-        metrics[keys.NUM_REJECTED] = rejected
+        # Replies that failed to decode, plus those the inner validation dropped.
+        metrics[keys.NUM_REJECTED] = rejected + scalar(metrics, keys.NUM_REJECTED, int, 0)
         return arrays, metrics
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Pass evaluation replies (metrics only) to the inner strategy."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         """Log the codec settings and the inner strategy."""

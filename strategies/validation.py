@@ -26,6 +26,7 @@ from flwr.supercore import log
 
 from fedprune import keys
 from strategies.records import from_record, scalar
+from strategies.wrapper import StrategyWrapper
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class ReplyLimits:
     """An upper bound on ``num-examples`` (a client claiming more would dominate the average)."""
 
 
-class ReplyValidation(Strategy):
+class ReplyValidation(StrategyWrapper):
     """Drop invalid replies before the inner strategy aggregates; never accept a NaN model.
 
     Parameters
@@ -50,7 +51,7 @@ class ReplyValidation(Strategy):
     """
 
     def __init__(self, strategy: Strategy, limits: ReplyLimits) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.limits = limits
         self._global: dict[str, np.ndarray] = {}
         self.rejected: dict[int, list[str]] = {}
@@ -61,12 +62,6 @@ class ReplyValidation(Strategy):
         """Remember the global model the replies must match, then configure as the inner."""
         self._global = from_record(arrays)
         return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Configure evaluation with the inner strategy."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def check(self, server_round: int, reply: Message) -> None:
         """Raise ``ValueError`` naming the first problem of ``reply``, if any."""
@@ -137,12 +132,6 @@ class ReplyValidation(Strategy):
             return None, metrics
         log(INFO, "round %d: %d valid replies, %d rejected", server_round, len(seen), len(reasons))
         return arrays, metrics
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Aggregate evaluation metrics with the inner strategy."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         """Log the limits and the inner strategy."""
