@@ -114,7 +114,7 @@ def _encode_reply(
     if cfg.error_feedback and residual is not None:
         for name, r in from_record(residual).items():
             delta[name] += r
-    payload = codec.encode(delta, cfg.codec(), masks=masks, send_masks=False)
+    payload = codec.encode(delta, cfg.update_codec(), masks=masks, send_masks=False)
     if cfg.error_feedback:
         context.state[keys.STATE_RESIDUAL] = to_record(codec.residual(delta, payload, masks=masks))
     return to_record(payload)

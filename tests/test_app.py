@@ -45,6 +45,18 @@ def int8(results: Path) -> RunSummary:
 
 
 @pytest.fixture(scope="module")
+def sparse_deltas(results: Path) -> RunSummary:
+    return run(
+        results,
+        "sparse-deltas",
+        quant="int8",
+        target_density=1.0,
+        update_topk=0.25,
+        delta_downlink=True,
+    )
+
+
+@pytest.fixture(scope="module")
 def pruned(results: Path) -> RunSummary:
     return run(results, "pruned", target_density=0.3, prune_start_round=1, prune_end_round=2)
 
@@ -68,6 +80,16 @@ def test_int8_uplink_is_a_quarter_of_float32_and_decoded_before_averaging(
     assert 0.24 < ratio < 0.30, ratio
     # Averaging raw int8 codes would wreck the model; decoded replies track float32 closely.
     assert int8.final_accuracy > baseline.final_accuracy - 0.05
+
+
+def test_top_k_deltas_shrink_both_directions_and_still_learn(
+    int8: RunSummary, sparse_deltas: RunSummary
+) -> None:
+    # A quarter of the codes plus a bit per entry: well under half of dense int8 per direction
+    # (round 1 still sends weights down: no node holds a reference yet).
+    assert sparse_deltas.bytes_up < 0.5 * int8.bytes_up
+    assert sparse_deltas.bytes_down < 0.75 * int8.bytes_down
+    assert sparse_deltas.final_accuracy > 0.5
 
 
 def test_pruned_run_hits_the_target_density_with_exact_zeros(
