@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed-stamp
 # into a fresh environment per run (it would ignore our pins and take minutes).
 export FLWR_HOME := $(CURDIR)/.flwr
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+# No calls out: Flower's telemetry and update check are on by default.
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: venv demo test lint typecheck pytest bench clean
@@ -38,6 +41,12 @@ pytest: venv
 
 bench: venv
 	$(BIN)/python -m simulations.bench
+
+# A real deployment on loopback: TLS SuperLink with SuperNode authentication, 2 registered
+# SuperNodes, `flwr run` for 3 rounds; prints the run's results table, fails if anything did.
+.PHONY: deploy-demo
+deploy-demo: venv
+	$(BIN)/python -m simulations.deploy demo
 
 clean:
 	rm -rf $(VENV) .flwr results .mypy_cache .ruff_cache .pytest_cache .hypothesis

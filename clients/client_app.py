@@ -28,6 +28,14 @@ VOTE_CODEC = codec.CodecConfig(quant="int8-channel")
 """Scores only rank entries: int8 per channel is plenty, whatever the run's payload codec."""
 
 
+def data_dir(context: Context) -> str | None:
+    """Return the node's ``data-dir`` (node config), or ``None`` for the default locations."""
+    value = context.node_config.get(keys.DATA_DIR)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"node config {keys.DATA_DIR}={value!r} must be a path")
+    return value or None
+
+
 def node_partition(context: Context) -> tuple[int, int]:
     """Return (partition id, number of partitions) from the node config, validated."""
     try:
@@ -126,9 +134,10 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     config = msg.content.config_records[keys.CONFIG]
     server_round = scalar(config, keys.SERVER_ROUND, int)
     start, masks = receive(msg, context, cfg)
-    model = core.new_model(cfg)
+    root = data_dir(context)
+    model = core.new_model(cfg, root)
     set_weights(model, start)
-    data = core.local_train_data(cfg, partition_id, num_partitions)
+    data = core.local_train_data(cfg, partition_id, num_partitions, root)
     torch_masks = core.to_torch_masks(masks)
     result = core.train(
         cfg,
@@ -185,9 +194,10 @@ def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Decode the global model and evaluate it on this node's shard of the held-out split."""
     partition_id, num_partitions = node_partition(context)
     weights, _ = receive(msg, context, cfg)
-    model = core.new_model(cfg)
+    root = data_dir(context)
+    model = core.new_model(cfg, root)
     set_weights(model, weights)
-    data = core.local_eval_data(cfg, partition_id, num_partitions)
+    data = core.local_eval_data(cfg, partition_id, num_partitions, root)
     loss, accuracy = core.evaluate(model, data)
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(data), keys.LOSS: loss, keys.ACCURACY: accuracy})
     return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)

@@ -35,9 +35,9 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def new_model(cfg: RunConfig) -> nn.Module:
+def new_model(cfg: RunConfig, root: str | None = None) -> nn.Module:
     """Build the run's model with the run's seed (identical on the server and every client)."""
-    train, _ = load_dataset(cfg.dataset)
+    train, _ = load_dataset(cfg.dataset, root=root)
     return build_model(
         cfg.model,
         input_shape=train.input_shape,
@@ -46,7 +46,9 @@ def new_model(cfg: RunConfig) -> nn.Module:
     )
 
 
-def local_train_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayDataset:
+def local_train_data(
+    cfg: RunConfig, partition_id: int, num_partitions: int, root: str | None = None
+) -> ArrayDataset:
     """Return the client's partition of the training split."""
     return client_data(
         cfg.dataset,
@@ -56,12 +58,15 @@ def local_train_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> 
         alpha=cfg.alpha,
         classes_per_client=cfg.classes_per_client,
         seed=cfg.seed,
+        root=root,
     )
 
 
-def local_eval_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayDataset:
+def local_eval_data(
+    cfg: RunConfig, partition_id: int, num_partitions: int, root: str | None = None
+) -> ArrayDataset:
     """Return the client's IID shard of the held-out test split (federated evaluation)."""
-    _, test = load_dataset(cfg.dataset)
+    _, test = load_dataset(cfg.dataset, root=root)
     shards = partition(test.y, num_partitions, scheme="iid", seed=cfg.seed)
     return test.subset(shards[partition_id])
 

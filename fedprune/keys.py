@@ -55,5 +55,7 @@ STATE_ACCOUNTANT: Final = "dp-accountant"
 # -- Node config (SuperNode --node-config; set by Flower in simulation) ---------------------
 PARTITION_ID: Final = "partition-id"
 NUM_PARTITIONS: Final = "num-partitions"
+DATA_DIR: Final = "data-dir"
+"""Optional: where this node's dataset files are (see ``fedprune.data.load_dataset``)."""
 PROXIMAL_MU: Final = "proximal-mu"
 """Set by Flower's FedProx in the train config."""

@@ -20,7 +20,7 @@ fi
 export PATH="$PWD/.venv/bin:$PATH"
 export FLWR_HOME="${FLWR_HOME:-$PWD/.flwr}"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-export FLWR_DISABLE_UPDATE_CHECK=1
+export FLWR_DISABLE_UPDATE_CHECK=1 FLWR_TELEMETRY_ENABLED=0  # no calls out
 if [[ ! -x .venv/bin/flwr ]]; then
   echo "error: .venv is missing; run 'make demo' (or 'make venv') first" >&2
   exit 2

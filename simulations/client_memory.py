@@ -1,0 +1,269 @@
+"""Peak memory of one federated client: ``python -m simulations.client_memory``.
+
+:func:`client_peak_rss_mb` starts a fresh Python process that does what a SuperNode's
+``flwr-clientapp`` process does for one training round — import Flower and torch, receive the
+round-1 downlink built by the real server strategy, load its data partition, train one round
+under the mask, encode its reply — with one CPU thread, and returns that process's peak resident
+set size (``VmHWM``). The benchmark model is the CNN on Fashion-MNIST when the Debian dataset
+package is installed (:data:`fedprune.data.FASHION_MNIST_SYSTEM_DIR`), else the MLP on digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Final
+
+FASHION_MNIST_DIR: Final = Path("/usr/share/datasets/fashion-mnist")
+"""Same as :data:`fedprune.data.FASHION_MNIST_SYSTEM_DIR` (not imported: no torch here)."""
+
+
+@dataclass(frozen=True)
+class ClientMemory:
+    """What one client round cost in memory (MiB of resident set size)."""
+
+    dataset: str
+    model: str
+    threads: int
+    num_examples: int
+    imports_mb: float
+    """RSS after importing torch, Flower and the app."""
+    data_mb: float
+    """Peak RSS after building the model and loading the client's partition."""
+    peak_mb: float
+    """Peak RSS over the whole round (``VmHWM``)."""
+    train_s: float
+
+
+def benchmark_model() -> tuple[str, str]:
+    """Return ``(dataset, model)``: CNN on Fashion-MNIST if installed, else MLP on digits."""
+    if FASHION_MNIST_DIR.is_dir() and any(FASHION_MNIST_DIR.glob("*.gz")):
+        return "fashion-mnist", "cnn"
+    return "digits", "mlp"
+
+
+def _status_mb(field: str) -> float:
+    """Return a ``/proc/self/status`` memory field (``VmHWM``, ``VmRSS``) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_client_memory(
+    dataset: str | None = None,
+    model: str | None = None,
+    *,
+    threads: int = 1,
+    partition_id: int = 0,
+    num_partitions: int = 2,
+    timeout_s: float = 1800.0,
+) -> ClientMemory:
+    """Measure one client round in a fresh process (see the module docstring).
+
+    Parameters
+    ----------
+    dataset, model : str, optional
+        Default: :func:`benchmark_model`.
+    threads : int
+        ``torch.set_num_threads`` and ``OMP_NUM_THREADS`` of the client.
+    partition_id, num_partitions : int
+        The client's partition (Dirichlet split, as the run config's defaults).
+    timeout_s : float
+        Limit for the child process.
+
+    Returns
+    -------
+    ClientMemory
+        The measurement.
+
+    Raises
+    ------
+    RuntimeError
+        If the child process fails.
+    """
+    default_dataset, default_model = benchmark_model()
+    argv = [
+        sys.executable,
+        "-m",
+        "simulations.client_memory",
+        "--child",
+        "--dataset",
+        dataset or default_dataset,
+        "--model",
+        model or default_model,
+        "--threads",
+        str(threads),
+        "--partition-id",
+        str(partition_id),
+        "--num-partitions",
+        str(num_partitions),
+    ]
+    env = dict(os.environ)
+    env.update({name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+    env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
+    result = subprocess.run(
+        argv,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    marker = "CLIENT_MEMORY "
+    lines = [line for line in result.stdout.splitlines() if line.startswith(marker)]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"client memory probe failed (exit code {result.returncode}):\n{result.stderr[-3000:]}"
+        )
+    return ClientMemory(**json.loads(lines[-1][len(marker) :]))
+
+
+def client_peak_rss_mb(
+    dataset: str | None = None, model: str | None = None, *, threads: int = 1
+) -> float:
+    """Return the peak RSS in MiB of one client process training one round (one thread).
+
+    Parameters
+    ----------
+    dataset, model : str, optional
+        Default: the benchmark model (:func:`benchmark_model`).
+    threads : int
+        CPU threads of the client.
+
+    Returns
+    -------
+    float
+        ``VmHWM`` of the client process, MiB.
+    """
+    return measure_client_memory(dataset, model, threads=threads).peak_mb
+
+
+def _child(dataset: str, model: str, threads: int, partition_id: int, num_partitions: int) -> None:
+    """Run one client round in this process and print the measurement (``--child``)."""
+    # The imports are part of what is measured.
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.serverapp import Grid
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients import core
+    from clients.client_app import train
+    from fedprune import keys
+    from fedprune.config import RunConfig
+    from fedprune.models import get_weights
+    from fedprune.pruning import prunable_names
+    from strategies.factory import build_strategy
+    from strategies.records import to_record
+
+    imports_mb = _status_mb("VmRSS")
+
+    class _Nodes(Grid):  # only what a strategy's configure_train asks of the grid
+        def set_run(self, run: Run) -> None:
+            raise NotImplementedError
+
+        @property
+        def run(self) -> Run:
+            raise NotImplementedError
+
+        def create_message(
+            self,
+            content: RecordDict,
+            message_type: str,
+            dst_node_id: int,
+            group_id: str,
+            ttl: float | None = None,
+        ) -> Message:
+            raise NotImplementedError
+
+        def get_node_ids(self) -> Iterable[int]:
+            return range(1, num_partitions + 1)
+
+        def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+            raise NotImplementedError
+
+        def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+            raise NotImplementedError
+
+        def send_and_receive(
+            self, messages: Iterable[Message], *, timeout: float | None = None
+        ) -> Iterable[Message]:
+            raise NotImplementedError
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    cfg = RunConfig.from_mapping({"dataset": dataset, "model": model, "num-server-rounds": 1})
+    # The round-1 downlink exactly as the ServerApp's strategy builds it (a few MB at most).
+    net = core.new_model(cfg)
+    built = build_strategy(cfg, prunable=prunable_names(net), rng=np.random.default_rng(0))
+    message = next(
+        iter(
+            built.strategy.configure_train(1, to_record(get_weights(net)), ConfigRecord(), _Nodes())
+        )
+    )
+    del built, net
+    core.local_train_data(cfg, partition_id, num_partitions)
+    data_mb = _status_mb("VmHWM")
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
+        state=RecordDict(),
+        run_config=cfg.to_mapping(),
+    )
+    started = time.perf_counter()
+    reply = train(message, context, cfg)
+    train_s = time.perf_counter() - started
+    num_examples = int(reply.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES])  # type: ignore[arg-type]
+    measured = ClientMemory(
+        dataset=dataset,
+        model=model,
+        threads=threads,
+        num_examples=num_examples,
+        imports_mb=round(imports_mb, 1),
+        data_mb=round(data_mb, 1),
+        peak_mb=round(_status_mb("VmHWM"), 1),
+        train_s=round(train_s, 2),
+    )
+    print("CLIENT_MEMORY " + json.dumps(asdict(measured)), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the client's peak RSS for one round (``python -m simulations.client_memory``)."""
+    parser = argparse.ArgumentParser(prog="python -m simulations.client_memory")
+    parser.add_argument("--dataset")
+    parser.add_argument("--model")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--partition-id", type=int, default=0)
+    parser.add_argument("--num-partitions", type=int, default=2)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(args.dataset, args.model, args.threads, args.partition_id, args.num_partitions)
+        return 0
+    measured = measure_client_memory(
+        args.dataset,
+        args.model,
+        threads=args.threads,
+        partition_id=args.partition_id,
+        num_partitions=args.num_partitions,
+    )
+    for name, value in asdict(measured).items():
+        print(f"{name}\t{value}")
+    print(f"client_peak_rss_mb\t{measured.peak_mb}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
