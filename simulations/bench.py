@@ -259,6 +259,30 @@ def bench_dp() -> dict[str, float]:
     return run()
 
 
+@register("rounds")
+def bench_rounds() -> dict[str, float]:
+    """Median round time of d0.3 + int8 over FedAvg float32 (see :mod:`simulations.bench_sim`)."""
+    from simulations.bench_sim import bench_round_time
+
+    return bench_round_time()
+
+
+@register("sim1000")
+def bench_sim1000() -> dict[str, float]:
+    """Peak RSS of a 1000-SuperNode simulation (see :mod:`simulations.bench_sim`)."""
+    from simulations.bench_sim import bench_sim_1000
+
+    return bench_sim_1000()
+
+
+@register("client")
+def bench_client() -> dict[str, float]:
+    """Peak RSS of one client process training one round, one thread."""
+    from simulations.client_memory import client_peak_rss_mb
+
+    return {"client_peak_rss_mb": client_peak_rss_mb()}
+
+
 # ==============================================================================================
 # CLI
 # ==============================================================================================
