@@ -129,6 +129,7 @@ def build_strategy(
                 end_round=cfg.prune_end_round,
             ),
             ReconcileConfig(rule=cfg.reconcile_rule, threshold=cfg.vote_threshold),
+            server_scores=cfg.prune_method == "magnitude",
         )
         inner = masking
     payload = CompressedPayload(

@@ -64,6 +64,10 @@ class MaskReconciliation(StrategyWrapper):
         Density per server round.
     reconcile_config : ReconcileConfig
         Rule and threshold; its density is replaced by the scheduled density each round.
+    server_scores : bool
+        Magnitude pruning: score each client by |w| of the model it sent (already decoded here)
+        instead of asking it to upload scores or a mask — the same ranking, for no bytes.
+        Sensitivity scores need the client's data, so they are uploaded as votes.
     """
 
     def __init__(
@@ -72,14 +76,18 @@ class MaskReconciliation(StrategyWrapper):
         prunable: Sequence[str],
         schedule: DensitySchedule,
         reconcile_config: ReconcileConfig,
+        *,
+        server_scores: bool = False,
     ) -> None:
         super().__init__(strategy)
         self.prunable = list(prunable)
         self.schedule = schedule
         self.reconcile_config = reconcile_config
+        self.server_scores = server_scores
         self.mask: dict[str, np.ndarray] | None = None
         self.version = 0
         self._round_density: dict[int, float] = {}
+        self._prunes: set[int] = set()
 
     @property
     def vote_kind(self) -> str:
@@ -120,8 +128,11 @@ class MaskReconciliation(StrategyWrapper):
         if self.mask is None:
             self._initial_mask(arrays)
         target = self.schedule(server_round)
-        vote = self.vote_kind if target < self.density - 1e-12 else "none"
+        prunes = target < self.density - 1e-12
+        vote = self.vote_kind if prunes and not self.server_scores else "none"
         self._round_density[server_round] = target
+        if prunes:
+            self._prunes.add(server_round)
         messages = self.strategy.configure_train(server_round, arrays, config, grid)
         return self._attach(server_round, messages, vote)
 
@@ -136,19 +147,11 @@ class MaskReconciliation(StrategyWrapper):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate with the inner strategy, reconcile the votes, enforce the mask."""
-        votes: list[dict[str, np.ndarray]] = []
-        weights: list[float] = []
         got = list(replies)
-        for reply in got:
-            if reply.has_error() or keys.MASK_VOTE not in reply.content.array_records:
-                continue
-            votes.append(from_record(reply.content.array_records[keys.MASK_VOTE]))
-            del reply.content[keys.MASK_VOTE]
-            reply_metrics = reply.content.metric_records.get(keys.METRICS, MetricRecord())
-            weights.append(scalar(reply_metrics, keys.NUM_EXAMPLES, float))
+        density = self._round_density.get(server_round, self.density)
+        votes, weights = self._collect_votes(server_round, got, density)
         arrays, metrics = self.strategy.aggregate_train(server_round, got)
         if arrays is not None and votes:
-            density = self._round_density[server_round]
             config = ReconcileConfig(
                 rule=self.reconcile_config.rule,
                 threshold=self.reconcile_config.threshold,
@@ -168,6 +171,32 @@ class MaskReconciliation(StrategyWrapper):
         metrics = MetricRecord() if metrics is None else metrics
         metrics[keys.DENSITY] = self.density
         return arrays, metrics
+
+    def _collect_votes(
+        self, server_round: int, replies: list[Message], density: float
+    ) -> tuple[list[dict[str, np.ndarray]], list[float]]:
+        """Take the clients' votes out of the replies (or score their models, server-side)."""
+        votes: list[dict[str, np.ndarray]] = []
+        weights: list[float] = []
+        for reply in replies:
+            content = reply.content
+            if reply.has_error():
+                continue
+            if keys.MASK_VOTE in content.array_records:
+                vote = from_record(content.array_records[keys.MASK_VOTE])
+                del content[keys.MASK_VOTE]
+            elif self.server_scores and server_round in self._prunes:
+                model = from_record(content.array_records[keys.ARRAYS])
+                vote = {name: np.abs(model[name]) for name in self.prunable}
+                if self.reconcile_config.rule != "topk":  # the client's own top-k mask
+                    own = ReconcileConfig(rule="topk", density=density)
+                    vote = reconcile([vote], [1.0], own, prior=self.mask)
+            else:
+                continue
+            votes.append(vote)
+            metrics = content.metric_records.get(keys.METRICS, MetricRecord())
+            weights.append(scalar(metrics, keys.NUM_EXAMPLES, float))
+        return votes, weights
 
     def _enforce(self, arrays: ArrayRecord) -> ArrayRecord:
         """Zero the entries of ``arrays`` that the global mask prunes."""

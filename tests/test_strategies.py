@@ -261,3 +261,47 @@ def test_delta_downlink_keeps_server_and_node_references_identical() -> None:
         global_model = {
             k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in global_model.items()
         }
+
+
+@pytest.mark.parametrize("rule", ["topk", "majority", "intersection", "union"])
+def test_magnitude_votes_are_computed_from_the_decoded_models_not_uploaded(rule: str) -> None:
+    rng = np.random.default_rng(4)
+    models = [
+        {"w": rng.normal(size=(6, 5)).astype(np.float32), "b": np.zeros(6, np.float32)}
+        for _ in range(3)
+    ]
+    masking = MaskReconciliation(
+        FedAvg(min_available_nodes=3, min_train_nodes=3),
+        ["w"],
+        DensitySchedule(initial=1.0, final=0.4, start_round=1, end_round=1),
+        ReconcileConfig(rule=rule),  # type: ignore[arg-type]
+        server_scores=True,
+    )
+    sent = list(
+        masking.configure_train(1, to_record(models[0]), ConfigRecord(), StaticGrid([1, 2, 3]))
+    )
+    assert all(m.content.config_records[keys.CONFIG][keys.VOTE] == "none" for m in sent)
+    replies = [
+        Message(
+            content=RecordDict(
+                {
+                    keys.ARRAYS: to_record(model),
+                    keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n}),
+                }
+            ),
+            reply_to=message,
+        )
+        for message, model, n in zip(sent, models, (1, 1, 2), strict=True)
+    ]
+    masking.aggregate_train(1, replies)
+    assert masking.mask is not None and masking.version == 2
+    from fedprune.masks import reconcile
+
+    own = [
+        reconcile([{"w": np.abs(m["w"])}], [1.0], ReconcileConfig("topk", density=0.4))
+        for m in models
+    ]
+    scores = [{"w": np.abs(m["w"])} for m in models]
+    votes = scores if rule == "topk" else own
+    expected = reconcile(votes, [1.0, 1.0, 2.0], ReconcileConfig(rule=rule, density=0.4))  # type: ignore[arg-type]
+    np.testing.assert_array_equal(masking.mask["w"], expected["w"])
