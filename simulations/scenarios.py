@@ -61,6 +61,17 @@ def _rows(prune_end: int, dp_epsilon: float) -> tuple[Row, ...]:
             {**prune, "quant": "int8-channel", "target-density": 0.1, "entropy": True},
         ),
         Row(
+            "d0.5-int8-topk0.15-delta",
+            {
+                **prune,
+                "quant": "int8-channel",
+                "target-density": 0.5,
+                "update-topk": 0.15,
+                "delta-downlink": True,
+                "entropy": True,
+            },
+        ),
+        Row(
             f"d0.3-int8-dp-eps{dp_epsilon:g}",
             {
                 **prune,
@@ -93,7 +104,7 @@ SCENARIOS: dict[str, Scenario] = {
             "error-feedback": True,
             "seed": 0,
         },
-        rows=_rows(prune_end=6, dp_epsilon=8.0),
+        rows=_rows(prune_end=4, dp_epsilon=8.0),
     ),
     "fashion-mnist": Scenario(
         name="fashion-mnist",
@@ -113,6 +124,6 @@ SCENARIOS: dict[str, Scenario] = {
             "error-feedback": True,
             "seed": 0,
         },
-        rows=_rows(prune_end=10, dp_epsilon=8.0),
+        rows=_rows(prune_end=4, dp_epsilon=8.0),
     ),
 }
