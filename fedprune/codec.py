@@ -1152,7 +1152,10 @@ def _decode_entry(
 
 
 def decode(
-    payload: Mapping[str, np.ndarray], *, masks: Mapping[str, np.ndarray] | None = None
+    payload: Mapping[str, np.ndarray],
+    *,
+    masks: Mapping[str, np.ndarray] | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict[str, NDArray[np.float32]]:
     """Decode a payload produced by :func:`encode` into float32 tensors.
 
@@ -1164,6 +1167,10 @@ def decode(
         Boolean masks of the sparse tensors whose mask bits the payload does not carry
         (``send_masks=False``). Masks carried by the payload take precedence; masks of tensors
         the payload sends dense are ignored.
+    shapes : Mapping[str, tuple[int, ...]], optional
+        The tensors the receiver expects, in order. When given, the payload's names and shapes
+        must match exactly, checked before anything is allocated (a payload cannot make the
+        receiver allocate more than the model it expects).
 
     Returns
     -------
@@ -1181,6 +1188,11 @@ def decode(
     """
     _check_keys(payload)
     layout = _parse_layout(payload)
+    if shapes is not None:
+        got = [(entry.name, entry.shape) for entry in layout.entries]
+        want = [(name, tuple(shape)) for name, shape in shapes.items()]
+        if got != want:
+            raise ValueError(f"payload tensors {got} differ from the expected {want}")
     compressed = bool(layout.flags & FLAG_CODES_ZLIB)
     scales: NDArray[np.float32] | None = None
     if layout.quant == _QUANT_NONE:

@@ -68,6 +68,7 @@ class CompressedPayload(StrategyWrapper):
         self.delta_downlink = delta_downlink
         self.rng = rng
         self._global: dict[str, np.ndarray] = {}
+        self._max_reply_bytes = 0
         self._masks: dict[str, np.ndarray] | None = None
         self._mask_version = 0
         self._vote_kind = "none"
@@ -110,6 +111,8 @@ class CompressedPayload(StrategyWrapper):
         reference: next round's change is computed against what the nodes really hold).
         """
         self._global = from_record(arrays)
+        # No valid reply is larger than the dense float32 model plus its bit streams.
+        self._max_reply_bytes = 2 * sum(a.nbytes for a in self._global.values()) + 2**20
         messages = list(messages)
         if not messages:
             return []
@@ -204,19 +207,13 @@ class CompressedPayload(StrategyWrapper):
         content = reply.content
         if keys.ARRAYS not in content.array_records:
             raise ValueError(f"reply has no '{keys.ARRAYS}' ArrayRecord")
-        delta = codec.decode(from_record(content.array_records[keys.ARRAYS]), masks=self._masks)
-        if list(delta) != list(self._global):
-            raise ValueError(
-                f"reply tensors {sorted(delta)} differ from the global model's "
-                f"{sorted(self._global)}"
-            )
-        weights: dict[str, np.ndarray] = {}
-        for name, g in self._global.items():
-            if delta[name].shape != g.shape:
-                raise ValueError(
-                    f"reply tensor '{name}' has shape {delta[name].shape}, expected {g.shape}"
-                )
-            weights[name] = g + delta[name]
+        record = content.array_records[keys.ARRAYS]
+        size = sum(len(array.data) for array in record.values())
+        if size > self._max_reply_bytes:
+            raise ValueError(f"payload of {size} B exceeds the cap of {self._max_reply_bytes} B")
+        shapes = {name: g.shape for name, g in self._global.items()}
+        delta = codec.decode(from_record(record), masks=self._masks, shapes=shapes)
+        weights = {name: g + delta[name] for name, g in self._global.items()}
         content[keys.ARRAYS] = to_record(weights)
         vote_record = content.array_records.get(keys.MASK_VOTE)
         if vote_record is not None:
@@ -227,7 +224,8 @@ class CompressedPayload(StrategyWrapper):
         if self._masks is None or self._vote_kind == "none":
             raise ValueError("reply carries a mask vote that was not asked for")
         if self._vote_kind == "scores":
-            return codec.decode(vote, masks=self._masks)
+            shapes = {name: m.shape for name, m in self._masks.items()}
+            return codec.decode(vote, masks=self._masks, shapes=shapes)
         if set(vote) != set(self._masks):
             raise ValueError(f"mask vote covers {sorted(vote)}, expected {sorted(self._masks)}")
         return {

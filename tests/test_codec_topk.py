@@ -131,3 +131,20 @@ def test_error_feedback_delivers_the_whole_update_over_rounds() -> None:
     np.testing.assert_allclose(delivered + carried, rounds * update, rtol=1e-4, atol=1e-3)
     # ... and what is carried stays bounded: after 40 rounds it is under a tenth of the total.
     assert np.abs(carried).max() < 0.1 * np.abs(rounds * update).max()
+
+
+def test_expected_shapes_are_checked_before_anything_is_allocated() -> None:
+    payload = codec.encode({"w": X}, CodecConfig())
+    assert codec.decode(payload, shapes={"w": (2, 3)})["w"].shape == (2, 3)
+    with pytest.raises(ValueError, match="differ from the expected"):
+        codec.decode(payload, shapes={"w": (3, 2)})
+    with pytest.raises(ValueError, match="differ from the expected"):
+        codec.decode(payload, shapes={"v": (2, 3)})
+    # A sparse payload that claims a huge tensor: 10**12 float32 entries would be 4 TB.
+    mask = {"w": np.ones((2, 3), bool)}
+    sparse = codec.encode({"w": X}, CodecConfig(), masks=mask, send_masks=False)
+    meta = sparse["meta"].copy()
+    meta[-2:] = [10**6, 10**6]
+    huge = {**sparse, "meta": meta}
+    with pytest.raises(ValueError, match="differ from the expected"):
+        codec.decode(huge, masks=mask, shapes={"w": (2, 3)})

@@ -305,3 +305,18 @@ def test_magnitude_votes_are_computed_from_the_decoded_models_not_uploaded(rule:
     votes = scores if rule == "topk" else own
     expected = reconcile(votes, [1.0, 1.0, 2.0], ReconcileConfig(rule=rule, density=0.4))  # type: ignore[arg-type]
     np.testing.assert_array_equal(masking.mask["w"], expected["w"])
+
+
+def test_oversized_or_misshaped_payloads_are_rejected_before_decoding() -> None:
+    inner = RecordingFedAvg()
+    wrapper = CompressedPayload(inner, INT8, np.random.default_rng(0))
+    sent = downlink(wrapper, [1, 2, 3])
+    good = reply(sent[0], {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}, 1)
+    big = reply(sent[1], {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}, 1)
+    padded = from_record(big.content.array_records[keys.ARRAYS])
+    padded["codes"] = np.zeros(2**21, np.int8)  # 2 MiB of codes for a 8-entry model
+    big.content[keys.ARRAYS] = to_record(padded)
+    shaped = reply(sent[2], {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}, 1)
+    _, metrics = wrapper.aggregate_train(1, [good, big, shaped])
+    assert metrics is not None and metrics[keys.NUM_REJECTED] == 2
+    assert len(inner.seen) == 1
