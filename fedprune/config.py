@@ -53,6 +53,7 @@ class RunConfig:
     server_lr: float = 1.0
     server_momentum: float = 0.9
     proximal_mu: float = 0.01
+    clip_update_norm: float = 0.0
     # Data and model
     dataset: DatasetName = "digits"
     model: ModelName = "mlp"
@@ -158,6 +159,7 @@ class RunConfig:
         _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
         _check(0.0 <= self.server_momentum < 1.0, "server-momentum", "must be in [0, 1)")
         _check(self.proximal_mu >= 0.0, "proximal-mu", "must be >= 0")
+        _check(self.clip_update_norm >= 0.0, "clip-update-norm", "must be >= 0 (0 = off)")
         _check(0.0 < self.target_density <= 1.0, "target-density", "must be in (0, 1]")
         _check(
             self.target_density <= self.initial_density <= 1.0,

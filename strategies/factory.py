@@ -5,6 +5,8 @@ The composition, outermost first::
     WireAccounting(CompressedPayload(ReplyValidation(MaskReconciliation(inner))))  # "compressed"
     WireAccounting(ReplyValidation(inner))                                         # "fedavg"
 
+where ``inner`` is wrapped in :class:`UpdateClipping` when ``clip-update-norm > 0``.
+
 ``inner`` is any Message-API strategy from ``flwr.serverapp.strategy`` (FedAvg, FedAvgM, FedAdam,
 FedProx, FedMedian, FedTrimmedAvg, Krum). It only ever sees float32 weights.
 """
@@ -33,6 +35,7 @@ from fedprune import keys
 from fedprune.config import RunConfig
 from fedprune.masks import ReconcileConfig
 from strategies.accounting import WireAccounting
+from strategies.clipping import UpdateClipping
 from strategies.masking import DensitySchedule, MaskReconciliation
 from strategies.payload import CompressedPayload
 from strategies.records import scalar
@@ -114,6 +117,8 @@ def build_strategy(
         Randomness for the downlink encoder (stochastic rounding).
     """
     inner = build_inner(cfg)
+    if cfg.clip_update_norm > 0:
+        inner = UpdateClipping(inner, cfg.clip_update_norm)
     limits = ReplyLimits(min_replies=cfg.min_train_nodes)
     if not cfg.compressed:
         return BuiltStrategy(WireAccounting(ReplyValidation(inner, limits)), None, None)

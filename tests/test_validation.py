@@ -144,3 +144,24 @@ def test_replies_to_every_node_are_configured_with_the_global_model() -> None:
     sent = configure(strategy, [1, 2, 3])
     assert sorted(m.metadata.dst_node_id for m in sent) == [1, 2, 3]
     assert all(m.metadata.message_type == MessageType.TRAIN for m in sent)
+
+
+def test_update_clipping_bounds_each_update_norm_by_hand() -> None:
+    from strategies.clipping import UpdateClipping
+
+    zero = {"w": np.zeros((1, 2), np.float32)}
+    strategy = UpdateClipping(FedAvg(), max_norm=2.0)
+    sent = list(strategy.configure_train(1, to_record(zero), ConfigRecord(), StaticGrid([1, 2])))
+
+    def sends(message: Message, w: list[float]) -> Message:
+        arrays = {"w": np.array([w], np.float32)}
+        metrics = MetricRecord({keys.NUM_EXAMPLES: 1})
+        return Message(
+            content=RecordDict({keys.ARRAYS: to_record(arrays), keys.METRICS: metrics}),
+            reply_to=message,
+        )
+
+    # Norm 5 is scaled to 2: (3, 4) -> (1.2, 1.6); norm 1 stays. Mean: (0.6, 1.3).
+    arrays, _ = strategy.aggregate_train(1, [sends(sent[0], [3, 4]), sends(sent[1], [0, 1])])
+    assert arrays is not None and strategy.clipped[1] == 1
+    np.testing.assert_allclose(from_record(arrays)["w"], [[0.6, 1.3]], rtol=1e-6)
