@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from clients.client_app import make_client_app
@@ -41,10 +42,12 @@ def simulate(
     on_round_end: Callable[[RoundTraffic], None] | None = None,
     num_cpus: int | None = None,
     quiet: bool = False,
+    client_app: ClientApp | None = None,
 ) -> RunSummary:
     """Run ``cfg`` on ``num_supernodes`` virtual SuperNodes and return what was measured.
 
-    Results are also written to ``<cfg.results_dir>/<cfg.run_name>/``.
+    Results are also written to ``<cfg.results_dir>/<cfg.run_name>/``. ``client_app``
+    replaces the fedprune ClientApp (e.g. :func:`simulations.faults.make_faulty_client_app`).
     """
     if num_supernodes < cfg.min_train_nodes:
         raise ValueError(
@@ -56,7 +59,7 @@ def simulate(
     server_app = make_server_app(cfg, on_round_end=on_round_end, on_done=summaries.append)
     run_simulation(
         server_app=server_app,
-        client_app=make_client_app(cfg),
+        client_app=client_app or make_client_app(cfg),
         num_supernodes=num_supernodes,
         backend_config=backend_config(num_cpus, quiet=quiet),
     )

@@ -63,9 +63,10 @@ def run(
         loss, accuracy = core.evaluate(model, test)
         return MetricRecord({keys.ACCURACY: accuracy, keys.LOSS: loss})
 
+    initial = get_weights(model)
     result = built.strategy.start(
         grid=grid,
-        initial_arrays=to_record(get_weights(model)),
+        initial_arrays=to_record(initial),
         num_rounds=cfg.num_server_rounds,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
@@ -93,7 +94,9 @@ def run(
     directory = Path(cfg.results_dir) / cfg.run_name
     # The compact export is read back and evaluated: the accuracy it reports is the file's.
     masks = built.masking.mask if built.masking is not None else None
-    model_bytes = save_compact(directory / MODEL_FILE, from_record(result.arrays), masks)
+    # Flower's Result keeps no arrays when every round was skipped: the model is the initial one.
+    final = from_record(result.arrays) if len(result.arrays) else initial
+    model_bytes = save_compact(directory / MODEL_FILE, final, masks)
     set_weights(model, load_compact(directory / MODEL_FILE))
     _, compact_accuracy = core.evaluate(model, test)
     summary = summarize(
