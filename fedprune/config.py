@@ -81,7 +81,7 @@ class RunConfig:
     vote_threshold: float = 0.5
     # Payload codec
     quant: QuantMode = "int8-channel"
-    entropy: bool = False
+    entropy: bool = True
     error_feedback: bool = True
     update_topk: float = 1.0
     delta_downlink: bool = False

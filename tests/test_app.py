@@ -41,7 +41,9 @@ def baseline(results: Path) -> RunSummary:
 
 @pytest.fixture(scope="module")
 def int8(results: Path) -> RunSummary:
-    return run(results, "int8", quant="int8", target_density=1.0, error_feedback=False)
+    return run(
+        results, "int8", quant="int8", target_density=1.0, error_feedback=False, entropy=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,7 @@ def sparse_deltas(results: Path) -> RunSummary:
         "sparse-deltas",
         quant="int8",
         target_density=1.0,
+        entropy=False,
         update_topk=0.25,
         delta_downlink=True,
     )

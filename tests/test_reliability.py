@@ -33,6 +33,7 @@ def run(
         partitioning="iid",
         target_density=1.0,
         quant="int8-channel",
+        entropy=False,
         error_feedback=False,
         min_train_nodes=5,
     ).replace(**changes)
