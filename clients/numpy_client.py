@@ -58,12 +58,16 @@ class FedPruneNumPyClient(NumPyClient):
         self._load(parameters)
         data = core.local_train_data(self.cfg, self.partition_id, self.num_partitions)
         server_round = config.get(keys.SERVER_ROUND, 1)
+        if isinstance(server_round, bool) or not isinstance(server_round, int):
+            raise ValueError(
+                f"config '{keys.SERVER_ROUND}' must be an integer, got {server_round!r}"
+            )
         result = core.train(
             self.cfg,
             self.model,
             data,
             masks=None,
-            server_round=int(server_round) if isinstance(server_round, int) else 1,
+            server_round=server_round,
             node_seed=self.partition_id,
             accountant_state=self.accountant_state,
         )

@@ -121,10 +121,13 @@ class CompressedPayload(StrategyWrapper):
         base: dict[str, np.ndarray] | None = None
         if use_delta and self._ref is not None:
             base = self._masked(self._ref)
+        # At most four variants per round (weights/delta x with/without mask bits), each encoded
+        # and serialized once however many nodes receive it.
         encoded: dict[tuple[str, bool], codec.Payload] = {}
+        records: dict[tuple[str, bool], ArrayRecord] = {}
 
-        def payload(kind: str, send_masks: bool) -> codec.Payload:
-            if (kind, send_masks) not in encoded:
+        def record(kind: str, send_masks: bool) -> ArrayRecord:
+            if (kind, send_masks) not in records:
                 if kind == "delta":
                     assert base is not None
                     tensors = {k: g - base[k] for k, g in self._global.items()}
@@ -134,7 +137,8 @@ class CompressedPayload(StrategyWrapper):
                 encoded[kind, send_masks] = codec.encode(
                     tensors, config_, masks=self._masks, send_masks=send_masks, rng=self.rng
                 )
-            return encoded[kind, send_masks]
+                records[kind, send_masks] = to_record(encoded[kind, send_masks])
+            return records[kind, send_masks]
 
         out: list[Message] = []
         kinds: list[str] = []
@@ -150,18 +154,18 @@ class CompressedPayload(StrategyWrapper):
             node_config[keys.PAYLOAD_KIND] = kind
             if use_delta:
                 node_config[keys.REF_VERSION] = self._ref_version + 1
-            records = RecordDict(
+            content = RecordDict(
                 {
-                    name: record
-                    for name, record in message.content.items()
+                    name: value
+                    for name, value in message.content.items()
                     if name not in (keys.ARRAYS, keys.GLOBAL_MASK, keys.CONFIG)
                 }
             )
-            records[keys.ARRAYS] = to_record(payload(kind, send_masks))
-            records[keys.CONFIG] = node_config
+            content[keys.ARRAYS] = record(kind, send_masks)
+            content[keys.CONFIG] = node_config
             out.append(
                 Message(
-                    content=records,
+                    content=content,
                     dst_node_id=node,
                     message_type=message.metadata.message_type,
                     group_id=message.metadata.group_id,

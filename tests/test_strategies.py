@@ -64,6 +64,8 @@ def test_replies_are_decoded_and_reconstructed_before_averaging() -> None:
     inner = RecordingFedAvg()
     wrapper = CompressedPayload(inner, INT8, np.random.default_rng(0))
     sent = downlink(wrapper, [11, 12])
+    # One encoded, serialized payload for every node that gets the same variant.
+    assert sent[0].content.array_records[keys.ARRAYS] is sent[1].content.array_records[keys.ARRAYS]
     d1 = {"w": np.full((2, 3), 0.1, np.float32), "b": np.array([0.5, -0.5], np.float32)}
     d2 = {"w": np.full((2, 3), -0.3, np.float32), "b": np.array([1.0, 2.0], np.float32)}
     arrays, metrics = wrapper.aggregate_train(1, [reply(sent[0], d1, 1), reply(sent[1], d2, 3)])
