@@ -9,10 +9,14 @@ Per training message:
    exactly zero;
 3. reply with the encoded delta against the weights received (plus the error-feedback residual,
    which stays in ``context.state``), the metrics, and — on rounds where the schedule prunes —
-   the client's mask vote.
+   the client's mask vote;
+4. with ``checkpoint`` on, save ``context.state`` under the run's checkpoint directory, so that
+   a resumed run restores it (:func:`restore_node_state`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -20,6 +24,14 @@ from flwr.clientapp import ClientApp
 
 from clients import core
 from fedprune import codec, keys
+from fedprune.checkpoint import (
+    clear_round_states,
+    client_state_dir,
+    load_round_state,
+    nested,
+    prefixed,
+    save_round_state,
+)
 from fedprune.config import RunConfig
 from fedprune.models import set_weights
 from strategies.records import from_record, scalar, to_record
@@ -71,6 +83,42 @@ def _load(context: Context, name: str, version: int, what: str) -> dict[str, np.
             f"the server assumes this node holds {what} v{version}; it holds v{cached}"
         )
     return from_record(context.state.array_records[name])
+
+
+def _node_state(context: Context) -> dict[str, Any]:
+    """Return ``context.state`` as a flat state dict (see :mod:`fedprune.checkpoint`)."""
+    state: dict[str, Any] = {}
+    for name, record in context.state.array_records.items():
+        state.update(prefixed(f"arrays/{name}", from_record(record)))
+    for name, config in context.state.config_records.items():
+        if name != keys.STATE_RESTORED:
+            state[f"configs/{name}"] = dict(config)
+    return state
+
+
+def restore_node_state(
+    context: Context, cfg: RunConfig, partition_id: int, resumed_from: int
+) -> None:
+    """Once per run and node: restore the node's state as of round ``resumed_from``.
+
+    A node's state (error-feedback residual, privacy accountant, mask and reference caches)
+    lives in ``context.state``, which a restarted run does not have. When the server resumed
+    from a checkpoint after round R, the node reloads its own checkpoint of the last round
+    <= R it trained in, so that the run goes on exactly as if it had not stopped, and ε keeps
+    counting. In a fresh run (R = 0) stale states of an earlier run of that name are removed.
+    """
+    if keys.STATE_RESTORED in context.state.config_records:
+        return
+    directory = client_state_dir(cfg.results_dir, cfg.run_name, partition_id)
+    if resumed_from == 0:
+        clear_round_states(directory)
+    elif (found := load_round_state(directory, resumed_from)) is not None:
+        _, state = found
+        for name in {k.split("/")[1] for k in state if k.startswith("arrays/")}:
+            context.state[name] = to_record(nested(state, f"arrays/{name}"))
+        for name, values in nested(state, "configs").items():
+            context.state[name] = ConfigRecord(values)
+    context.state[keys.STATE_RESTORED] = ConfigRecord({keys.RESUMED_FROM: resumed_from})
 
 
 def receive(
@@ -133,6 +181,8 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     partition_id, num_partitions = node_partition(context)
     config = msg.content.config_records[keys.CONFIG]
     server_round = scalar(config, keys.SERVER_ROUND, int)
+    if cfg.checkpoint:
+        restore_node_state(context, cfg, partition_id, scalar(config, keys.RESUMED_FROM, int, 0))
     start, masks = receive(msg, context, cfg)
     root = data_dir(context)
     model = core.new_model(cfg, root)
@@ -187,6 +237,9 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         else:
             vote_payload = {name: codec.pack_mask(m) for name, m in ballot.items()}
         content[keys.MASK_VOTE] = to_record(vote_payload)
+    if cfg.checkpoint:
+        directory = client_state_dir(cfg.results_dir, cfg.run_name, partition_id)
+        save_round_state(directory, server_round, _node_state(context))
     return Message(content=content, reply_to=msg)
 
 

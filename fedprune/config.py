@@ -28,6 +28,10 @@ OptimizerName = Literal["sgd", "adam"]
 PruneMethod = Literal["magnitude", "sensitivity"]
 
 
+RESUMABLE_KEYS = frozenset({"resume", "num-server-rounds"})
+"""Config keys a resumed run may change: the flag itself, and the rounds (to extend a run)."""
+
+
 class ConfigError(ValueError):
     """A run-config key is unknown, of the wrong type, or out of range."""
 
@@ -92,8 +96,10 @@ class RunConfig:
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: AccountantName = "rdp"
-    # Reproducibility
+    # Reproducibility and recovery: a checkpoint after every round; resume from the latest
     seed: int = 0
+    checkpoint: bool = True
+    resume: bool = False
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -209,6 +215,28 @@ class RunConfig:
             )
         _check(self.noise_multiplier >= 0.0, "noise-multiplier", "must be >= 0")
         _check(self.target_epsilon >= 0.0, "target-epsilon", "must be >= 0")
+
+    def check_resumable(self, saved: Mapping[str, Any]) -> None:
+        """Check that a checkpoint written under config ``saved`` may resume under this one.
+
+        Only ``resume`` and ``num-server-rounds`` (to extend a run) may differ.
+
+        Raises
+        ------
+        ConfigError
+            Naming the keys whose values differ.
+        """
+        now = self.to_mapping()
+        changed = sorted(
+            k
+            for k in set(saved) | set(now)
+            if saved.get(k) != now.get(k) and k not in RESUMABLE_KEYS
+        )
+        if changed:
+            raise ConfigError(
+                f"cannot resume: the checkpoint was written with other values of {changed} "
+                f"(only {sorted(RESUMABLE_KEYS)} may change)"
+            )
 
     def codec(self) -> CodecConfig:
         """Return the codec of model weights (downlink; every kept entry travels)."""

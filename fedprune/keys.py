@@ -31,6 +31,9 @@ PAYLOAD_KIND: Final = "payload-kind"
 """Downlink: 'weights' (the global model) or 'delta' (its change since REF_VERSION - 1)."""
 REF_VERSION: Final = "ref-version"
 """Version of the reference model a node holds after applying this downlink (delta-downlink)."""
+RESUMED_FROM: Final = "resumed-from"
+"""The checkpointed round this run resumed from (0: a fresh run); a node restores its state as
+of that round from its own checkpoint directory."""
 
 # -- Metric keys (client -> server, and the server's per-round record) -----------------------
 NUM_EXAMPLES: Final = "num-examples"
@@ -51,6 +54,8 @@ STATE_RESIDUAL: Final = "ef-residual"
 """ArrayRecord: the error-feedback residual of the last uplink."""
 STATE_ACCOUNTANT: Final = "dp-accountant"
 """ArrayRecord: the privacy accountant's state (history of steps), for cumulative ε."""
+STATE_RESTORED: Final = "state-restored"
+"""ConfigRecord: set once this node has restored (or cleared) its on-disk state in this run."""
 
 # -- Node config (SuperNode --node-config; set by Flower in simulation) ---------------------
 PARTITION_ID: Final = "partition-id"

@@ -52,6 +52,21 @@ def message_wire_bytes(messages: Iterable[Message]) -> int:
     return total
 
 
+def canonical_order(replies: Iterable[Message]) -> list[Message]:
+    """Return ``replies`` sorted by content hash (error replies last, by error code).
+
+    Two replies with the same hash carry the same content, so their relative order does not
+    change any aggregate.
+    """
+
+    def key(reply: Message) -> tuple[int, str]:
+        if reply.has_error():
+            return 1, str(reply.error.code)
+        return 0, reply.content.object_id
+
+    return sorted(replies, key=key)
+
+
 @dataclass
 class RoundTraffic:
     """What travelled in one server round."""
@@ -105,7 +120,7 @@ class WireAccounting(StrategyWrapper):
         traffic.bytes_up += message_wire_bytes(got)
         traffic.replies += sum(not r.has_error() for r in got)
         traffic.failures += sum(r.has_error() for r in got)
-        return got
+        return canonical_order(got)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

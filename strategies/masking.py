@@ -14,9 +14,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -205,6 +206,20 @@ class MaskReconciliation(StrategyWrapper):
         for name, keep in self.mask.items():
             weights[name] = np.where(keep, weights[name], np.float32(0.0)).astype(np.float32)
         return to_record(weights)
+
+    def own_state(self) -> dict[str, Any]:
+        """Return the global mask and its version."""
+        state: dict[str, Any] = {"version": self.version, "names": None}
+        if self.mask is not None:
+            state["names"] = list(self.mask)
+            state.update({f"mask/{k}": m for k, m in self.mask.items()})
+        return state
+
+    def load_own_state(self, state: Mapping[str, Any]) -> None:
+        """Restore the global mask and its version."""
+        self.version = int(state["version"])
+        names = state["names"]
+        self.mask = None if names is None else {k: state[f"mask/{k}"].astype(bool) for k in names}
 
     def summary(self) -> None:
         """Log the schedule and rule, then the inner strategy."""

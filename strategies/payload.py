@@ -19,8 +19,9 @@ See ``docs/design.md`` for why weights go down and deltas come up.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -29,6 +30,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedprune import codec, keys
+from fedprune.checkpoint import generator_state, set_generator_state
 from strategies.records import from_record, scalar, to_record
 from strategies.wrapper import StrategyWrapper
 
@@ -266,6 +268,18 @@ class CompressedPayload(StrategyWrapper):
         # Replies that failed to decode, plus those the inner validation dropped.
         metrics[keys.NUM_REJECTED] = rejected + scalar(metrics, keys.NUM_REJECTED, int, 0)
         return arrays, metrics
+
+    def own_state(self) -> dict[str, Any]:
+        """Return the downlink encoder's RNG state (stochastic rounding).
+
+        What nodes hold (mask and reference versions) is not kept: a restarted run meets its
+        nodes under new ids, so each first gets the full weights and mask bits again.
+        """
+        return {"rng": generator_state(self.rng)}
+
+    def load_own_state(self, state: Mapping[str, Any]) -> None:
+        """Restore the encoder's RNG."""
+        set_generator_state(self.rng, state["rng"])
 
     def summary(self) -> None:
         """Log the codec settings and the inner strategy."""

@@ -1,18 +1,36 @@
-"""The fedprune ServerApp: build the strategy for the run config, run it, write the results."""
+"""The fedprune ServerApp: build the strategy for the run config, run it, write the results.
+
+The rounds are driven here rather than by Flower's ``Strategy.start``, which always begins at
+round 1: each round calls the same four strategy steps (configure/aggregate train, then
+evaluate), evaluates the global model on the held-out split, and writes a checkpoint, so that a
+run can resume after its last completed round.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
+from logging import INFO
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
 
 from clients import core
 from fedprune import keys
-from fedprune.config import RunConfig
+from fedprune.checkpoint import (
+    SERVER_FILE,
+    checkpoint_dir,
+    load_state,
+    nested,
+    prefixed,
+    save_state,
+)
+from fedprune.config import ConfigError, RunConfig
 from fedprune.data import load_dataset
 from fedprune.export import load_compact, save_compact
 from fedprune.models import get_weights, set_weights
@@ -21,9 +39,12 @@ from fedprune.results import RoundRecord, RunSummary, summarize, write_run
 from strategies.accounting import RoundTraffic
 from strategies.factory import build_strategy
 from strategies.records import from_record, scalar, to_record
+from strategies.wrapper import load_strategy_state, strategy_state
 
 MODEL_FILE = "model.npz"
 """The compact export of the final global model, next to rounds.csv and summary.json."""
+TIMEOUT_S = 3600.0
+"""How long a round waits for replies (Flower's default)."""
 
 
 def run(
@@ -33,6 +54,9 @@ def run(
     on_round_end: Callable[[RoundTraffic], None] | None = None,
 ) -> RunSummary:
     """Run ``cfg`` on ``grid`` and write ``rounds.csv`` and ``summary.json``.
+
+    After every round the server state is checkpointed (``cfg.checkpoint``); with
+    ``cfg.resume`` the run continues after the latest checkpoint of ``cfg.run_name``.
 
     Parameters
     ----------
@@ -57,32 +81,44 @@ def run(
         rng=np.random.default_rng(core.derive_seed(cfg.seed, "server")),
     )
     built.strategy.on_round_end = on_round_end
+    directory = Path(cfg.results_dir) / cfg.run_name
+    checkpoint_file = checkpoint_dir(cfg.results_dir, cfg.run_name) / SERVER_FILE
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate(arrays: ArrayRecord) -> tuple[float, float]:
         set_weights(model, from_record(arrays))
         loss, accuracy = core.evaluate(model, test)
-        return MetricRecord({keys.ACCURACY: accuracy, keys.LOSS: loss})
+        return loss, accuracy
 
-    initial = get_weights(model)
-    result = built.strategy.start(
-        grid=grid,
-        initial_arrays=to_record(initial),
-        num_rounds=cfg.num_server_rounds,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=evaluate_fn,
-    )
-    records: list[RoundRecord] = []
-    for server_round in range(1, cfg.num_server_rounds + 1):
-        evaluation = result.evaluate_metrics_serverapp.get(server_round, MetricRecord())
-        train_metrics = result.train_metrics_clientapp.get(server_round, MetricRecord())
-        traffic = built.strategy.rounds.get(server_round, RoundTraffic(server_round))
+    initial = to_record(get_weights(model))
+    resumed = _resume(cfg, checkpoint_file, built.strategy) if cfg.resume else None
+    arrays, records, done, elapsed = resumed or (initial, [], 0, 0.0)
+    strategy = built.strategy
+    for server_round in range(done + 1, cfg.num_server_rounds + 1):
+        log(INFO, "[ROUND %s/%s]", server_round, cfg.num_server_rounds)
+        train_config = ConfigRecord({keys.RESUMED_FROM: done})
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, train_config, grid), timeout=TIMEOUT_S
+        )
+        aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
+        if aggregated is not None:  # None: the round was skipped, the model stays
+            arrays = aggregated
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+            timeout=TIMEOUT_S,
+        )
+        federated = strategy.aggregate_evaluate(server_round, replies)
+        if federated is not None:
+            log(INFO, "round %d: federated evaluation %s", server_round, federated)
+        loss, accuracy = evaluate(arrays)
+        log(INFO, "round %d: test accuracy %.4f, loss %.4f", server_round, accuracy, loss)
+        train_metrics = train_metrics or MetricRecord()
+        traffic = strategy.rounds.get(server_round, RoundTraffic(server_round))
         epsilon = scalar(train_metrics, keys.EPSILON, float, -1.0)
         records.append(
             RoundRecord(
                 round=server_round,
-                accuracy=scalar(evaluation, keys.ACCURACY, float, float("nan")),
-                loss=scalar(evaluation, keys.LOSS, float, float("nan")),
+                accuracy=accuracy,
+                loss=loss,
                 bytes_up=traffic.bytes_up,
                 bytes_down=traffic.bytes_down,
                 density=scalar(train_metrics, keys.DENSITY, float, 1.0),
@@ -90,13 +126,22 @@ def run(
                 wall_s=traffic.wall_s,
             )
         )
-    wall_s = time.perf_counter() - started
-    directory = Path(cfg.results_dir) / cfg.run_name
+        if cfg.checkpoint:
+            save_state(
+                checkpoint_file,
+                {
+                    "round": server_round,
+                    "wall-s": elapsed + time.perf_counter() - started,
+                    "config": cfg.to_mapping(),
+                    "records": [dataclasses.asdict(r) for r in records],
+                    **prefixed("model", from_record(arrays)),
+                    **prefixed("strategy", strategy_state(strategy)),
+                },
+            )
+    wall_s = elapsed + time.perf_counter() - started
     # The compact export is read back and evaluated: the accuracy it reports is the file's.
     masks = built.masking.mask if built.masking is not None else None
-    # Flower's Result keeps no arrays when every round was skipped: the model is the initial one.
-    final = from_record(result.arrays) if len(result.arrays) else initial
-    model_bytes = save_compact(directory / MODEL_FILE, final, masks)
+    model_bytes = save_compact(directory / MODEL_FILE, from_record(arrays), masks)
     set_weights(model, load_compact(directory / MODEL_FILE))
     _, compact_accuracy = core.evaluate(model, test)
     summary = summarize(
@@ -110,6 +155,35 @@ def run(
     )
     write_run(directory, records, summary)
     return summary
+
+
+def _resume(
+    cfg: RunConfig, path: Path, strategy: Strategy
+) -> tuple[ArrayRecord, list[RoundRecord], int, float] | None:
+    """Load the latest checkpoint into ``strategy``; return (model, history, round, wall).
+
+    ``None`` when there is no checkpoint yet (the run starts at round 1).
+
+    Raises
+    ------
+    ConfigError
+        If the checkpoint was written under a different configuration.
+    """
+    if not path.exists():
+        log(INFO, "resume: no checkpoint at %s, starting at round 1", path)
+        return None
+    state = load_state(path)
+    cfg.check_resumable(state["config"])
+    done = int(state["round"])
+    if done > cfg.num_server_rounds:
+        raise ConfigError(
+            f"cannot resume {path} at round {done + 1}: num-server-rounds is "
+            f"{cfg.num_server_rounds}"
+        )
+    load_strategy_state(strategy, nested(state, "strategy"))
+    records = [RoundRecord(**r) for r in state["records"]]
+    log(INFO, "resume: continuing after round %d from %s", done, path)
+    return to_record(nested(state, "model")), records, done, float(state["wall-s"])
 
 
 def make_server_app(
