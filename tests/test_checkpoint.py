@@ -113,6 +113,16 @@ def _record(seed: int) -> dict[str, np.ndarray]:
     return {"0.weight": rng.standard_normal((3, 2)).astype(np.float32), "0.bias": np.ones(3)}
 
 
+def _flat(value: object) -> list[tuple[str, np.ndarray]]:
+    """(name, array) pairs of a Flower state attribute, whatever its container."""
+    if isinstance(value, ArrayRecord):
+        return [(k, a.numpy()) for k, a in value.items()]
+    if isinstance(value, dict):
+        return list(value.items())
+    assert isinstance(value, list)
+    return [(str(i), a) for i, a in enumerate(value)]
+
+
 def test_flower_server_optimizer_state_round_trips_through_a_file(tmp_path: Path) -> None:
     adam, avgm = FedAdam(), FedAvgM()
     adam.m_t, adam.v_t, adam.current_arrays = _record(1), _record(2), _record(3)
@@ -123,17 +133,12 @@ def test_flower_server_optimizer_state_round_trips_through_a_file(tmp_path: Path
         load_strategy_state(fresh, load_state(tmp_path / "s.npz"))
         for attr in ("m_t", "v_t", "current_arrays", "momentum_vector"):
             want, got = getattr(strategy, attr, None), getattr(fresh, attr, None)
-            if isinstance(want, ArrayRecord):
-                assert isinstance(got, ArrayRecord) and list(got) == list(want)
-                want, got = [a.numpy() for a in want.values()], [a.numpy() for a in got.values()]
-            if isinstance(want, dict):
-                assert list(got) == list(want)
-                want, got = list(want.values()), list(got.values())
             if want is None:
                 assert got is None
                 continue
-            for w, g in zip(want, got, strict=True):
-                assert g.dtype == w.dtype
+            assert type(got) is type(want)
+            for (wk, w), (gk, g) in zip(_flat(want), _flat(got), strict=True):
+                assert gk == wk and g.dtype == w.dtype
                 np.testing.assert_array_equal(g, w)
 
 
