@@ -93,6 +93,7 @@ def run(
     resumed = _resume(cfg, checkpoint_file, built.strategy) if cfg.resume else None
     arrays, records, done, elapsed = resumed or (initial, [], 0, 0.0)
     strategy = built.strategy
+    _wait_for_nodes(grid, cfg.min_train_nodes)
     for server_round in range(done + 1, cfg.num_server_rounds + 1):
         log(INFO, "[ROUND %s/%s]", server_round, cfg.num_server_rounds)
         train_config = ConfigRecord({keys.RESUMED_FROM: done})
@@ -155,6 +156,25 @@ def run(
     )
     write_run(directory, records, summary)
     return summary
+
+
+def _wait_for_nodes(grid: Grid, count: int, settle_s: float = 0.2) -> None:
+    """Wait until at least ``count`` nodes are connected and no more joined for ``settle_s``.
+
+    Flower's strategies size their sample from the nodes connected when a round is configured
+    and only then wait for the minimum: a round configured while the SuperNodes are still
+    registering would sample fewer of them than a run that started a moment later.
+    """
+    seen, since = -1, time.monotonic()
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected != seen:
+            if connected < count and seen < 0:
+                log(INFO, "waiting for %d nodes to connect (%d so far)", count, connected)
+            seen, since = connected, time.monotonic()
+        elif connected >= count and time.monotonic() - since >= settle_s:
+            return
+        time.sleep(0.05)
 
 
 def _resume(
