@@ -549,10 +549,11 @@ def unpack_mask(bits: np.ndarray, shape: tuple[int, ...]) -> NDArray[np.bool_]:
     Raises
     ------
     ValueError
-        If ``bits`` is not a 1-D uint8 array of the right length.
+        If ``bits`` is not a 1-D uint8 array of the right length, or a padding bit is set.
     """
     size = math.prod(shape)
     _check_stream("bits", bits, np.dtype(np.uint8), (size + 7) // 8)
+    _check_padding("bits", bits, size)
     return np.unpackbits(bits, count=size).view(np.bool_).reshape(shape)
 
 
@@ -1043,6 +1044,13 @@ def _parse_layout(payload: Mapping[str, np.ndarray]) -> _Layout:
     return layout
 
 
+def _check_padding(label: str, bits: NDArray[np.uint8], n_bits: int) -> None:
+    """Refuse set bits after the last of ``n_bits`` (a packed mask must unpack one way only)."""
+    pad = -n_bits % 8
+    if pad and bits[-1] & ((1 << pad) - 1):
+        raise ValueError(f"{label} has non-zero padding bits")
+
+
 def _check_stream(label: str, arr: object, dtype: np.dtype, length: int) -> None:
     if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.ndim != 1:
         raise ValueError(
@@ -1086,9 +1094,7 @@ def _read_bits(
     if key not in payload:
         return None
     bits = _read_stream(key, payload[key], np.dtype(np.uint8), (n_bits + 7) // 8, compressed)
-    pad = -n_bits % 8
-    if pad and bits[-1] & ((1 << pad) - 1):
-        raise ValueError(f"{_label(key)} has non-zero padding bits")
+    _check_padding(_label(key), bits, n_bits)
     return bits
 
 

@@ -31,8 +31,13 @@ from flwr.supercore import log
 
 from fedprune import codec, keys
 from fedprune.checkpoint import generator_state, set_generator_state
+from fedprune.masks import mask_density
 from strategies.records import from_record, scalar, to_record
 from strategies.wrapper import StrategyWrapper
+
+VOTE_DENSITY_TOLERANCE = 0.01
+"""How far a mask vote's density may be from the scheduled density (clients compute exact top-k
+masks; ties and rounding move them by a few entries)."""
 
 
 class CompressedPayload(StrategyWrapper):
@@ -74,6 +79,7 @@ class CompressedPayload(StrategyWrapper):
         self._masks: dict[str, np.ndarray] | None = None
         self._mask_version = 0
         self._vote_kind = "none"
+        self._vote_density = 1.0
         self._node_mask_version: dict[int, int] = {}
         self._ref: dict[str, np.ndarray] | None = None
         self._ref_version = 0
@@ -86,6 +92,7 @@ class CompressedPayload(StrategyWrapper):
         mask_record = content.array_records.get(keys.GLOBAL_MASK)
         config = content.config_records.get(keys.CONFIG, ConfigRecord())
         self._vote_kind = scalar(config, keys.VOTE, str, "none")
+        self._vote_density = scalar(config, keys.DENSITY, float, 1.0)
         if mask_record is not None:
             self._masks = {k: v.astype(bool) for k, v in from_record(mask_record).items()}
             self._mask_version = scalar(config, keys.MASK_VERSION, int, 0)
@@ -234,9 +241,16 @@ class CompressedPayload(StrategyWrapper):
             return codec.decode(vote, masks=self._masks, shapes=shapes)
         if set(vote) != set(self._masks):
             raise ValueError(f"mask vote covers {sorted(vote)}, expected {sorted(self._masks)}")
-        return {
+        masks = {
             name: codec.unpack_mask(bits, self._masks[name].shape) for name, bits in vote.items()
         }
+        density = mask_density(masks)
+        if abs(density - self._vote_density) > VOTE_DENSITY_TOLERANCE:
+            raise ValueError(
+                f"mask vote keeps {density:.4f} of the entries; the round asked for "
+                f"{self._vote_density:.4f}"
+            )
+        return masks
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -614,6 +614,10 @@ def test_unpack_mask_validates_length() -> None:
         codec.unpack_mask(np.zeros(1, np.uint8), (3, 4))
     with pytest.raises(ValueError, match="bool"):
         codec.pack_mask(np.ones(3, np.int8))
+    # 12 bits in 2 bytes: the last 4 bits of byte 2 are padding and must be zero.
+    codec.unpack_mask(np.array([0xFF, 0xF0], np.uint8), (3, 4))
+    with pytest.raises(ValueError, match="padding"):
+        codec.unpack_mask(np.array([0xFF, 0xF1], np.uint8), (3, 4))
 
 
 def test_payload_masks_and_cached_masks() -> None:

@@ -1,6 +1,6 @@
 """The server wrappers on real Flower messages and a real inner FedAvg (no network needed)."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ from fedprune.masks import ReconcileConfig
 from strategies.accounting import WireAccounting, message_wire_bytes, object_tree_bytes
 from strategies.masking import DensitySchedule, MaskReconciliation
 from strategies.payload import CompressedPayload
-from strategies.records import from_record, to_record
+from strategies.records import from_record, scalar, to_record
 from tests.support import StaticGrid, server_task_identity
 
 INT8 = codec.CodecConfig(quant="int8-channel")
@@ -322,3 +322,107 @@ def test_oversized_or_misshaped_payloads_are_rejected_before_decoding() -> None:
     _, metrics = wrapper.aggregate_train(1, [good, big, shaped])
     assert metrics is not None and metrics[keys.NUM_REJECTED] == 2
     assert len(inner.seen) == 1
+
+
+def _payload_edit(name: str, value: object) -> Callable[[dict[str, np.ndarray]], None]:
+    def edit(payload: dict[str, np.ndarray]) -> None:
+        if name == "scale":
+            payload["scale"] = payload["scale"].copy()
+            payload["scale"][0] = value
+        elif name == "codes-short":
+            payload["codes"] = payload["codes"][:-1]
+        else:  # oversized
+            payload["codes"] = np.zeros(2**21, np.int8)
+
+    return edit
+
+
+def _vote_edit(kind: str) -> Callable[[dict[str, np.ndarray]], None]:
+    def edit(vote: dict[str, np.ndarray]) -> None:
+        if kind == "wrong-length":
+            vote["w"] = vote["w"][:0]
+        elif kind == "padding-bits":
+            vote["w"] = vote["w"] | np.uint8(0b11)  # 6 mask bits in 8: the last 2 are padding
+        elif kind == "dense":
+            vote["w"] = codec.pack_mask(np.ones((2, 3), bool))
+        elif kind == "empty":
+            vote["w"] = codec.pack_mask(np.zeros((2, 3), bool))
+        elif kind == "extra-tensor":
+            vote["b"] = codec.pack_mask(np.ones(2, bool))
+        else:  # float scores where a mask was asked for
+            vote["w"] = np.ones((2, 3), np.float32)
+
+    return edit
+
+
+BAD_PAYLOADS = {
+    "scale-nan": _payload_edit("scale", np.nan),
+    "scale-inf": _payload_edit("scale", np.inf),
+    "scale-zero": _payload_edit("scale", 0.0),
+    "scale-negative": _payload_edit("scale", -1.0),
+    "codes-short": _payload_edit("codes-short", None),
+    "oversized": _payload_edit("oversized", None),
+}
+BAD_VOTES = {
+    f"vote-{kind}": _vote_edit(kind)
+    for kind in ("wrong-length", "padding-bits", "dense", "empty", "extra-tensor", "not-bits")
+}
+
+
+@pytest.mark.parametrize("kind", sorted({**BAD_PAYLOADS, **BAD_VOTES}))
+def test_a_bad_payload_or_vote_is_dropped_and_model_and_mask_equal_the_run_without_it(
+    kind: str,
+) -> None:
+    """The compressed chain with a mask-vote round (majority of 0.5-density masks)."""
+    from strategies.validation import ReplyLimits, ReplyValidation
+
+    def run(with_bad: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+        masking = MaskReconciliation(
+            FedAvg(min_available_nodes=2, min_train_nodes=2),
+            ["w"],
+            DensitySchedule(initial=1.0, final=0.5, start_round=1, end_round=1),
+            ReconcileConfig(rule="majority"),
+        )
+        chain = CompressedPayload(
+            ReplyValidation(masking, ReplyLimits(min_replies=2)), INT8, np.random.default_rng(0)
+        )
+        nodes = [1, 2, 3] if with_bad else [1, 2]
+        sent = list(chain.configure_train(1, to_record(GLOBAL), ConfigRecord(), StaticGrid(nodes)))
+        assert all(m.content.config_records[keys.CONFIG][keys.VOTE] == "mask" for m in sent)
+        sent.sort(key=lambda m: m.metadata.dst_node_id)
+        keeps = [
+            np.array([[1, 1, 0], [1, 0, 0]], bool),
+            np.array([[1, 0, 1], [1, 0, 0]], bool),
+            np.array([[0, 1, 1], [1, 0, 0]], bool),
+        ]
+        replies = []
+        for i, message in enumerate(sent):
+            delta = {"w": np.full((2, 3), 0.5 * (i + 1), np.float32), "b": np.ones(2, np.float32)}
+            payload = dict(codec.encode(delta, INT8))
+            vote = {"w": codec.pack_mask(keeps[i])}
+            if i == 2:
+                if kind in BAD_PAYLOADS:
+                    BAD_PAYLOADS[kind](payload)
+                else:
+                    BAD_VOTES[kind](vote)
+            reply_metrics = MetricRecord({keys.NUM_EXAMPLES: 10, keys.SERVER_ROUND: 1})
+            content = RecordDict(
+                {
+                    keys.ARRAYS: to_record(payload),
+                    keys.METRICS: reply_metrics,
+                    keys.MASK_VOTE: to_record(vote),
+                }
+            )
+            replies.append(Message(content=content, reply_to=message))
+        arrays, metrics = chain.aggregate_train(1, replies)
+        assert arrays is not None and metrics is not None and masking.mask is not None
+        return from_record(arrays), masking.mask, scalar(metrics, keys.NUM_REJECTED, int)
+
+    clean, clean_mask, clean_rejected = run(with_bad=False)
+    got, mask, rejected = run(with_bad=True)
+    assert (clean_rejected, rejected) == (0, 1)
+    np.testing.assert_array_equal(mask["w"], clean_mask["w"])
+    # Kept by at least half of the two good votes (a tie keeps).
+    np.testing.assert_array_equal(clean_mask["w"], [[1, 1, 1], [1, 0, 0]])
+    for name in GLOBAL:
+        np.testing.assert_array_equal(got[name], clean[name])
