@@ -51,6 +51,8 @@ STATE_RESIDUAL: Final = "ef-residual"
 """ArrayRecord: the error-feedback residual of the last uplink."""
 STATE_ACCOUNTANT: Final = "dp-accountant"
 """ArrayRecord: the privacy accountant's state (history of steps), for cumulative ε."""
+STATE_TEACHER: Final = "kd-teacher"
+"""ArrayRecord: this node's private distillation teacher (``distill``); it never travels."""
 
 # -- Node config (SuperNode --node-config; set by Flower in simulation) ---------------------
 PARTITION_ID: Final = "partition-id"
