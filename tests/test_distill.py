@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
 from opacus.accountants import RDPAccountant
 from torch import nn
 
 from clients import core
+from clients.client_app import make_client_app
+from fedprune import codec, keys
 from fedprune.config import RunConfig
 from fedprune.distill import DistillPair, mutual_distillation_loss
 from fedprune.models import get_weights
 from fedprune.privacy import DPConfig, make_private, planned_total_steps
+from fedprune.results import RunSummary
+from simulations.simulate import backend_config
+from strategies.records import from_record
+from strategies.server_app import run as server_run
 
 torch.set_num_threads(1)
 
@@ -263,3 +275,117 @@ def test_teacher_is_deterministic_per_node_and_required_exactly_with_distill() -
         _train_round(cfg, None, 1)
     with pytest.raises(ValueError, match="teacher exactly when"):
         _train_round(cfg.replace(distill=False), a, 1)
+
+
+# -- end to end: nothing of the teacher travels ------------------------------------------------
+
+
+class RecordingGrid(Grid):
+    """Delegate to Flower's grid and keep every message sent and received."""
+
+    def __init__(self, grid: Grid, seen: list[Message]) -> None:
+        self.grid = grid
+        self.seen = seen
+
+    def set_run(self, run):
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs):
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self.seen.extend(messages)
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.grid.pull_messages(message_ids))
+        self.seen.extend(replies)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> Iterable[Message]:
+        messages = list(messages)
+        self.seen.extend(messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.seen.extend(replies)
+        return replies
+
+
+def _simulate_recording(cfg: RunConfig, nodes: int) -> tuple[RunSummary, list[Message]]:
+    """Run ``cfg`` in Flower's simulation engine with the fedprune apps, recording the grid."""
+    seen: list[Message] = []
+    summaries: list[RunSummary] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        summaries.append(server_run(RecordingGrid(grid, seen), cfg))
+
+    run_simulation(
+        server_app=server_app,
+        client_app=make_client_app(cfg),
+        num_supernodes=nodes,
+        backend_config=backend_config(quiet=True),
+    )
+    assert summaries, "the run ended without a result"
+    return summaries[0], seen
+
+
+@pytest.mark.slow
+def test_no_teacher_parameter_travels_and_bytes_equal_the_plain_student(tmp_path: Path) -> None:
+    nodes = 3
+    base = RunConfig(
+        results_dir=str(tmp_path),
+        num_server_rounds=3,
+        min_train_nodes=nodes,
+        target_density=0.5,
+        prune_end_round=2,
+        entropy=False,  # no zlib: payload sizes depend on the kept entries only
+        teacher_model="mlp-large",
+    )
+    plain, _ = _simulate_recording(base.replace(run_name="plain"), nodes)
+    distilled, seen = _simulate_recording(base.replace(run_name="kd", distill=True), nodes)
+
+    student = get_weights(core.new_model(base))
+    teacher = get_weights(core.new_teacher(base.replace(distill=True), 0))
+    teacher_size = sum(v.size for v in teacher.values())
+    student_shapes = {name: w.shape for name, w in student.items()}
+    # Shapes only the teacher has (its 512-wide layers): none may appear anywhere.
+    teacher_only = {w.shape for w in teacher.values()} - set(student_shapes.values())
+    assert teacher_only
+    replies = [m for m in seen if m.metadata.reply_to_message_id]
+    assert len(replies) >= nodes * base.num_server_rounds
+    assert len(seen) > len(replies)
+    for message in seen:
+        assert message.has_content(), message.error
+        content = message.content
+        assert not any("teacher" in name for name in content), list(content)
+        assert keys.STATE_TEACHER not in content
+        travelling = 0
+        for name in content.array_records:
+            arrays = from_record(content.array_records[name])
+            travelling += sum(a.nbytes for a in arrays.values())
+            assert not any(a.shape in teacher_only for a in arrays.values())
+            if codec.KEY_META in arrays:  # a payload: the tensors it describes are the student's
+                for entry in codec._parse_layout(arrays).entries:
+                    assert student_shapes[entry.name] == entry.shape, (name, entry.name)
+            else:  # a mask vote of packed bits, one array per student tensor
+                assert set(arrays) <= set(student_shapes), name
+        scalar_keys = [list(content.config_records[n]) for n in content.config_records]
+        scalar_keys += [list(content.metric_records[n]) for n in content.metric_records]
+        for record_keys in scalar_keys:
+            assert not any("teacher" in key for key in record_keys), record_keys
+        # Not even an int8 copy of the teacher would fit in what this message carries.
+        assert travelling < teacher_size
+    # The same student, mask sizes and codec: the same payload sizes. Flower's framing of the
+    # other values (metrics, vote scales) varies by a few bytes in 450 kB with the numbers.
+    assert distilled.bytes_up == pytest.approx(plain.bytes_up, rel=1e-4)
+    assert distilled.bytes_down == pytest.approx(plain.bytes_down, rel=1e-4)
+    assert distilled.final_accuracy > 0.5
