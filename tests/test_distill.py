@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from clients import core
+from clients import client_app, core
 from clients.client_app import make_client_app
 from fedprune import codec, keys
 from fedprune.config import RunConfig
@@ -23,8 +23,9 @@ from fedprune.models import get_weights
 from fedprune.privacy import DPConfig, make_private, planned_total_steps
 from fedprune.results import RunSummary
 from simulations.simulate import backend_config
-from strategies.records import from_record
+from strategies.records import from_record, to_record
 from strategies.server_app import run as server_run
+from tests.support import server_task_identity
 
 torch.set_num_threads(1)
 
@@ -389,3 +390,31 @@ def test_no_teacher_parameter_travels_and_bytes_equal_the_plain_student(tmp_path
     assert distilled.bytes_up == pytest.approx(plain.bytes_up, rel=1e-4)
     assert distilled.bytes_down == pytest.approx(plain.bytes_down, rel=1e-4)
     assert distilled.final_accuracy > 0.5
+
+
+def test_client_app_keeps_the_teacher_in_its_state_and_replies_with_the_student_only() -> None:
+    cfg = RunConfig(strategy="fedavg", target_density=1.0, distill=True)
+    student = get_weights(core.new_model(cfg))
+    node: dict[str, bool | float | int | str] = {keys.PARTITION_ID: 1, keys.NUM_PARTITIONS: 4}
+    kept, fresh = Context(1, 7, node, RecordDict(), {}), Context(1, 7, node, RecordDict(), {})
+    teachers = []
+    with server_task_identity():
+        for server_round, context in ((1, kept), (2, kept), (2, fresh)):
+            content = RecordDict(
+                {
+                    keys.ARRAYS: to_record(student),
+                    keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: server_round}),
+                }
+            )
+            message = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+            reply = client_app.train(message, context, cfg)
+            assert set(reply.content) == {keys.ARRAYS, keys.METRICS}
+            sent = from_record(reply.content.array_records[keys.ARRAYS])
+            assert {k: v.shape for k, v in sent.items()} == {k: v.shape for k, v in student.items()}
+            teachers.append(from_record(context.state.array_records[keys.STATE_TEACHER]))
+    first, second, from_scratch = teachers
+    expected = get_weights(core.new_teacher(cfg, 1))
+    assert {k: v.shape for k, v in first.items()} == {k: v.shape for k, v in expected.items()}
+    # Round 2 continued from the teacher kept after round 1, not from a new one.
+    assert any(not np.array_equal(second[k], from_scratch[k]) for k in second)
+    assert any(not np.array_equal(first[k], second[k]) for k in first)
