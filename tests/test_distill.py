@@ -390,6 +390,8 @@ def test_no_teacher_parameter_travels_and_bytes_equal_the_plain_student(tmp_path
     assert distilled.bytes_up == pytest.approx(plain.bytes_up, rel=1e-4)
     assert distilled.bytes_down == pytest.approx(plain.bytes_down, rel=1e-4)
     assert distilled.final_accuracy > 0.5
+    # ... and the clients did distil (the same run without a teacher learns differently).
+    assert distilled.final_accuracy != plain.final_accuracy
 
 
 def test_client_app_keeps_the_teacher_in_its_state_and_replies_with_the_student_only() -> None:
