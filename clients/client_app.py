@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -155,6 +156,20 @@ def receive(
     return decoded, masks
 
 
+def private_teacher(
+    context: Context, cfg: RunConfig, partition_id: int, root: str | None
+) -> torch.nn.Module | None:
+    """Return this node's distillation teacher from ``context.state`` (new on its first round).
+
+    ``None`` unless ``distill`` is on. The teacher lives only in ``context.state``; no message
+    carries it.
+    """
+    if not cfg.distill:
+        return None
+    saved = context.state.array_records.get(keys.STATE_TEACHER)
+    return core.new_teacher(cfg, partition_id, None if saved is None else from_record(saved), root)
+
+
 def _encode_reply(
     cfg: RunConfig,
     context: Context,
@@ -202,7 +217,10 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             if keys.STATE_ACCOUNTANT in context.state.array_records
             else None
         ),
+        teacher=private_teacher(context, cfg, partition_id, root),
     )
+    if result.teacher_weights is not None:  # the teacher stays on the node
+        context.state[keys.STATE_TEACHER] = to_record(result.teacher_weights)
     metrics = MetricRecord(
         {
             keys.NUM_EXAMPLES: result.num_examples,

@@ -18,7 +18,8 @@ from torch import nn
 
 from fedprune.config import RunConfig
 from fedprune.data import ArrayDataset, client_data, load_dataset, partition
-from fedprune.models import build_model, get_weights
+from fedprune.distill import DistillPair, mutual_distillation_loss
+from fedprune.models import build_model, get_weights, set_weights
 from fedprune.privacy import DPConfig, PrivateTrainer, make_private, planned_total_steps
 from fedprune.pruning import apply_mask, compute_mask, magnitude_scores, sensitivity_scores
 
@@ -44,6 +45,37 @@ def new_model(cfg: RunConfig, root: str | None = None) -> nn.Module:
         num_classes=train.num_classes,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
+
+
+def new_teacher(
+    cfg: RunConfig,
+    partition_id: int,
+    saved: Mapping[str, np.ndarray] | None = None,
+    root: str | None = None,
+) -> nn.Module:
+    """Return this node's private distillation teacher (``cfg.teacher_model``).
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run (``teacher-model``, ``seed``, ``dataset``).
+    partition_id : int
+        The node's partition: each node's teacher has its own deterministic initialisation.
+    saved : Mapping[str, np.ndarray], optional
+        The teacher's weights kept from this node's earlier rounds (``context.state``).
+    root : str, optional
+        Data directory (the input shape comes from the dataset).
+    """
+    train, _ = load_dataset(cfg.dataset, root=root)
+    teacher = build_model(
+        cfg.teacher_model,
+        input_shape=train.input_shape,
+        num_classes=train.num_classes,
+        generator=torch.Generator().manual_seed(derive_seed(cfg.seed, partition_id, "teacher")),
+    )
+    if saved is not None:
+        set_weights(teacher, saved)
+    return teacher
 
 
 def local_train_data(
@@ -87,6 +119,8 @@ class TrainResult:
     train_loss: float
     epsilon: float | None
     accountant_state: AccountantState | None
+    teacher_weights: dict[str, np.ndarray] | None = None
+    """The private teacher after this round (``distill`` only); kept on the node, never sent."""
 
 
 def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -106,13 +140,14 @@ def train(
     node_seed: int,
     proximal_mu: float = 0.0,
     accountant_state: AccountantState | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``model`` locally for ``cfg.local_epochs`` epochs, keeping pruned weights at 0.
 
     Parameters
     ----------
     cfg : RunConfig
-        Local-training settings (optimizer, lr, epochs, batch size, DP).
+        Local-training settings (optimizer, lr, epochs, batch size, DP, distillation).
     model : nn.Module
         The model, already holding the decoded global weights.
     data : ArrayDataset
@@ -127,25 +162,38 @@ def train(
         FedProx proximal term weight (0 disables it).
     accountant_state : AccountantState, optional
         The privacy accountant's state from earlier rounds (DP only).
+    teacher : nn.Module, optional
+        The node's private teacher (:func:`new_teacher`); required when ``cfg.distill``. It is
+        trained with ``model`` by mutual distillation (:mod:`fedprune.distill`): one optimizer
+        over both, and under DP one DP-SGD mechanism whose per-sample gradients span both
+        parameter sets (jointly clipped to ``max-grad-norm``). Masks apply to ``model`` only.
 
     Returns
     -------
     TrainResult
-        Trained weights, example count, mean training loss and cumulative ε (DP only).
+        Trained weights, example count, mean training loss (the student's, soft term included,
+        when distilling), cumulative ε (DP only) and the trained teacher (distillation only).
     """
+    if cfg.distill != (teacher is not None):
+        raise ValueError("pass a teacher exactly when cfg.distill is on")
     generator = torch.Generator().manual_seed(derive_seed(cfg.seed, node_seed, server_round))
     if masks is not None:
         apply_mask(model, masks)
     loader = data.to_loader(cfg.batch_size, shuffle=True, generator=generator)
+    # What the optimizer trains: the model, or the student-teacher pair (masks: student only).
+    trained: nn.Module = model if teacher is None else DistillPair(model, teacher)
+    trained_masks = masks
+    if teacher is not None and masks is not None:
+        trained_masks = {f"student.{name}": m for name, m in masks.items()}
     private: PrivateTrainer | None = None
     if cfg.dp:
         private = make_private(
-            model,
+            trained,
             lambda params: make_optimizer(cfg, params),
             loader,
             DPConfig.from_run_config(cfg),
             generator=generator,
-            masks=masks,
+            masks=trained_masks,
             accountant_state=accountant_state,
             total_steps=planned_total_steps(
                 loader, num_rounds=cfg.num_server_rounds, local_epochs=cfg.local_epochs
@@ -153,8 +201,8 @@ def train(
         )
         net, optimizer, loader = private.model, private.optimizer, private.loader
     else:
-        net = model
-        optimizer = make_optimizer(cfg, list(model.parameters()))
+        net = trained
+        optimizer = make_optimizer(cfg, list(trained.parameters()))
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     loss_fn = nn.CrossEntropyLoss()
     net.train()
@@ -164,7 +212,21 @@ def train(
             # Under DP an empty Poisson batch still takes a (noise-only) step: skipping it would
             # change what a neighbouring dataset's run looks like.
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x), y)
+            if teacher is None:
+                loss = reported = loss_fn(net(x), y)
+            else:
+                student_logits, teacher_logits = net(x)
+                student_loss, teacher_loss = mutual_distillation_loss(
+                    student_logits,
+                    teacher_logits,
+                    y,
+                    temperature=cfg.distill_temperature,
+                    alpha=cfg.distill_alpha,
+                    beta=cfg.distill_beta,
+                )
+                # Each loss reads the other model's logits detached: the sum trains each
+                # model on its own loss, in one backward pass (one DP-SGD mechanism).
+                loss, reported = student_loss + teacher_loss, student_loss
             if anchor:
                 prox = sum(
                     ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
@@ -178,19 +240,24 @@ def train(
                 if masks is not None:
                     apply_mask(model, masks)
             if len(y):
-                total_loss += float(loss.detach()) * len(y)
+                total_loss += float(reported.detach()) * len(y)
                 total_seen += len(y)
     epsilon: float | None = None
     state: AccountantState | None = None
     if private is not None:
         epsilon, state = private.epsilon(), private.accountant_state()
-        model = private.close()
+        trained = private.close()  # the DP-compatible module that was trained
+    if isinstance(trained, DistillPair):
+        model, teacher = trained.student, trained.teacher
+    else:
+        model = trained
     return TrainResult(
         weights=get_weights(model),
         num_examples=len(data),
         train_loss=total_loss / max(total_seen, 1),
         epsilon=epsilon,
         accountant_state=state,
+        teacher_weights=None if teacher is None else get_weights(teacher),
     )
 
 

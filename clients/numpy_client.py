@@ -41,6 +41,7 @@ class FedPruneNumPyClient(NumPyClient):
         self.model = core.new_model(cfg)
         self.names = list(get_weights(self.model))
         self.accountant_state: dict[str, np.ndarray] | None = None
+        self.teacher = core.new_teacher(cfg, partition_id) if cfg.distill else None
 
     def _load(self, parameters: NDArrays) -> None:
         if len(parameters) != len(self.names):
@@ -70,8 +71,11 @@ class FedPruneNumPyClient(NumPyClient):
             server_round=server_round,
             node_seed=self.partition_id,
             accountant_state=self.accountant_state,
+            teacher=self.teacher,
         )
         self.accountant_state = result.accountant_state
+        if self.teacher is not None and result.teacher_weights is not None:
+            set_weights(self.teacher, result.teacher_weights)  # kept here, never returned
         metrics: dict[str, Scalar] = {keys.TRAIN_LOSS: result.train_loss}
         if result.epsilon is not None:
             metrics[keys.EPSILON] = result.epsilon

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_type_hints
 
 from fedprune.codec import CodecConfig, QuantMode
-from fedprune.data import DatasetName, PartitionScheme
+from fedprune.data import DATASET_SHAPES, DatasetName, PartitionScheme
 from fedprune.masks import ReconcileRule
-from fedprune.models import ModelName
+from fedprune.models import ModelName, model_size
 from fedprune.privacy import AccountantName
 
 StrategyName = Literal["fedavg", "compressed"]
@@ -96,6 +96,13 @@ class RunConfig:
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: AccountantName = "rdp"
+    # Knowledge distillation (FedKD-style): each client trains a private teacher, never sent,
+    # with the shared model (the student) by mutual distillation; see fedprune.distill.
+    distill: bool = False
+    teacher_model: ModelName = "mlp-large"
+    distill_temperature: float = 3.0
+    distill_alpha: float = 1.0
+    distill_beta: float = 1.0
     # Reproducibility and recovery: a checkpoint after every round; resume from the latest
     seed: int = 0
     checkpoint: bool = True
@@ -215,6 +222,24 @@ class RunConfig:
             )
         _check(self.noise_multiplier >= 0.0, "noise-multiplier", "must be >= 0")
         _check(self.target_epsilon >= 0.0, "target-epsilon", "must be >= 0")
+        _check(self.distill_temperature > 0.0, "distill-temperature", "must be > 0")
+        _check(self.distill_alpha >= 0.0, "distill-alpha", "must be >= 0")
+        _check(self.distill_beta >= 0.0, "distill-beta", "must be >= 0")
+        if self.distill:
+            shape, num_classes = DATASET_SHAPES[self.dataset]
+            try:
+                student, teacher = (
+                    model_size(name, input_shape=shape, num_classes=num_classes)
+                    for name in (self.model, self.teacher_model)
+                )
+            except ValueError as err:
+                raise ConfigError(f"config key 'teacher-model': {err}") from err
+            _check(
+                teacher > student,
+                "teacher-model",
+                f"the teacher must be larger than the student: {self.teacher_model!r} has "
+                f"{teacher:,} parameters on {self.dataset}, model {self.model!r} has {student:,}",
+            )
 
     def check_resumable(self, saved: Mapping[str, Any]) -> None:
         """Check that a checkpoint written under config ``saved`` may resume under this one.

@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = [
     "DATASETS",
+    "DATASET_SHAPES",
     "FASHION_MNIST_SYSTEM_DIR",
     "NORMALIZATION",
     "ArrayDataset",
@@ -68,6 +69,13 @@ __all__ = [
 
 DatasetName = Literal["digits", "fashion-mnist", "mnist", "cifar10"]
 DATASETS: Final[tuple[str, ...]] = get_args(DatasetName)
+DATASET_SHAPES: Final[dict[str, tuple[tuple[int, ...], int]]] = {
+    "digits": ((1, 8, 8), 10),
+    "fashion-mnist": ((1, 28, 28), 10),
+    "mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+}
+"""Dataset -> (shape of one example, number of classes), known without loading it."""
 PartitionScheme = Literal["iid", "dirichlet", "classes"]
 PARTITION_SCHEMES: Final[tuple[str, ...]] = get_args(PartitionScheme)
 

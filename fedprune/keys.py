@@ -56,6 +56,8 @@ STATE_ACCOUNTANT: Final = "dp-accountant"
 """ArrayRecord: the privacy accountant's state (history of steps), for cumulative ε."""
 STATE_RESTORED: Final = "state-restored"
 """ConfigRecord: set once this node has restored (or cleared) its on-disk state in this run."""
+STATE_TEACHER: Final = "kd-teacher"
+"""ArrayRecord: this node's private distillation teacher (``distill``); it never travels."""
 
 # -- Node config (SuperNode --node-config; set by Flower in simulation) ---------------------
 PARTITION_ID: Final = "partition-id"

@@ -2,11 +2,15 @@
 
 Models
 ------
-All three pass Opacus' ``ModuleValidator`` (no BatchNorm). Their prunable
+All pass Opacus' ``ModuleValidator`` (no BatchNorm). Their prunable
 tensors (``Linear`` / ``Conv`` weights) are what :mod:`fedprune.pruning` scores.
 
 ``"mlp"``
     ``nn.Sequential(Flatten, Linear, ReLU, ..., Linear)`` with ``hidden`` widths.
+``"mlp-small"``, ``"mlp-large"``
+    The same MLP with fixed hidden widths ``(64, 64)`` and ``(512, 512)`` (``hidden`` is
+    ignored): a compact student and a larger teacher for knowledge distillation
+    (:mod:`fedprune.distill`).
 ``"cnn"``
     ``nn.Sequential(Conv3x3, ReLU, MaxPool2, Conv3x3, ReLU, MaxPool2, Flatten, Linear)`` with
     ``channels`` filters (padding 1); needs ``H, W >= 4``.
@@ -21,6 +25,8 @@ model          digits (1, 8, 8)    (Fashion-)MNIST     CIFAR-10 (3, 32,
                                    (1, 28, 28)         32)
 =============  ==================  ==================  ==================
 mlp            55,210              199,210             656,810
+mlp-small      8,970               55,050              201,482
+mlp-large      301,066             669,706             1,841,162
 cnn            21,386              50,186              60,362
 resnet18       11,172,810          11,172,810          11,173,962
 =============  ==================  ==================  ==================
@@ -48,11 +54,14 @@ __all__ = [
     "build_model",
     "get_weights",
     "model_num_params",
+    "model_size",
     "set_weights",
 ]
 
-ModelName = Literal["mlp", "cnn", "resnet18"]
+ModelName = Literal["mlp", "mlp-small", "mlp-large", "cnn", "resnet18"]
 MODELS: Final[tuple[str, ...]] = get_args(ModelName)
+MLP_WIDTHS: Final[dict[str, tuple[int, ...]]] = {"mlp-small": (64, 64), "mlp-large": (512, 512)}
+"""Fixed hidden widths of the named MLP variants."""
 GROUP_NORM_GROUPS: Final = 32
 """Groups of every ``GroupNorm`` in ``"resnet18"`` (its widths are 64 .. 512)."""
 
@@ -70,7 +79,7 @@ def build_model(
 
     Parameters
     ----------
-    name : {"mlp", "cnn", "resnet18"}
+    name : {"mlp", "mlp-small", "mlp-large", "cnn", "resnet18"}
         The architecture (see the module docstring).
     input_shape : sequence of int
         Shape of one example: ``(C, H, W)``, or ``(D,)`` for ``"mlp"`` only.
@@ -93,7 +102,7 @@ def build_model(
     shape = tuple(int(d) for d in input_shape)
     if len(shape) not in (1, 3) or min(shape) < 1:
         raise ValueError(f"input_shape must be (C, H, W) or (D,) of positive sizes, got {shape}")
-    if name != "mlp" and len(shape) != 3:
+    if not name.startswith("mlp") and len(shape) != 3:
         raise ValueError(f"input_shape must be (C, H, W) for model {name!r}, got {shape}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -114,6 +123,8 @@ def _build(
 ) -> nn.Module:
     if name == "mlp":
         return _mlp(math.prod(shape), num_classes, hidden)
+    if name in MLP_WIDTHS:
+        return _mlp(math.prod(shape), num_classes, MLP_WIDTHS[name])
     if name == "cnn":
         return _cnn(shape, num_classes, channels)
     return _resnet18(shape[0], num_classes)
@@ -181,6 +192,28 @@ def model_num_params(model: nn.Module, *, trainable_only: bool = False) -> int:
         Number of scalar parameters (buffers excluded).
     """
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def model_size(name: str, *, input_shape: Sequence[int], num_classes: int) -> int:
+    """Count the parameters of model ``name`` without allocating it (built on torch's meta device).
+
+    Parameters
+    ----------
+    name : str
+        A model name, see :func:`build_model`.
+    input_shape : sequence of int
+        Shape of one example.
+    num_classes : int
+        Number of output logits.
+
+    Returns
+    -------
+    int
+        Number of scalar parameters, as :func:`model_num_params` counts them.
+    """
+    with torch.device("meta"):
+        model = build_model(name, input_shape=input_shape, num_classes=num_classes)
+    return model_num_params(model)
 
 
 def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:

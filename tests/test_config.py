@@ -44,6 +44,14 @@ def test_ints_are_accepted_as_floats() -> None:
         ({"dp": True, "noise-multiplier": 1.0, "target-epsilon": 3.0}, "noise-multiplier"),
         ({"dp": True, "noise-multiplier": 1.0, "inner-strategy": "fedprox"}, "inner-strategy"),
         ({"dp": True, "noise-multiplier": 1.0, "prune-method": "sensitivity"}, "prune-method"),
+        ({"distill-temperature": 0.0}, "distill-temperature"),
+        ({"distill-alpha": -0.5}, "distill-alpha"),
+        ({"distill-beta": -0.5}, "distill-beta"),
+        ({"teacher-model": "gpt"}, "teacher-model"),
+        ({"distill": True, "teacher-model": "mlp"}, "teacher-model"),
+        ({"distill": True, "teacher-model": "mlp-small"}, "teacher-model"),
+        ({"distill": True, "teacher-model": "cnn"}, "teacher-model"),  # 21k < 55k on digits
+        ({"distill": True, "model": "mlp-large", "teacher-model": "cnn"}, "teacher-model"),
     ],
 )
 def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:
@@ -54,3 +62,14 @@ def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:
 def test_fedavg_baseline_is_dense() -> None:
     cfg = RunConfig.from_mapping({"strategy": "fedavg", "target-density": 1.0})
     assert not cfg.compressed
+
+
+def test_distillation_composes_with_every_strategy_and_dp() -> None:
+    plain = RunConfig.from_mapping({"strategy": "fedavg", "target-density": 1.0, "distill": True})
+    assert plain.distill and plain.teacher_model == "mlp-large"
+    private = RunConfig.from_mapping({"distill": True, "dp": True, "noise-multiplier": 1.0})
+    assert private.distill and private.dp
+    small = RunConfig.from_mapping(
+        {"distill": True, "model": "mlp-small", "teacher-model": "mlp", "dataset": "cifar10"}
+    )
+    assert small.teacher_model == "mlp"

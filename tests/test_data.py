@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from torchvision.datasets import CIFAR10
 
 from fedprune.data import (
+    DATASET_SHAPES,
+    DATASETS,
     FASHION_MNIST_SYSTEM_DIR,
     NORMALIZATION,
     ArrayDataset,
@@ -580,3 +582,9 @@ def test_client_data_rejects_bad_arguments() -> None:
         client_data("digits", 0, 4, split="val")
     with pytest.raises(ValueError, match="unknown dataset name"):
         client_data("emnist", 0, 4)
+
+
+def test_dataset_shapes_match_what_loads() -> None:
+    train, _ = load_dataset("digits")
+    assert DATASET_SHAPES["digits"] == (train.input_shape, train.num_classes)
+    assert set(DATASET_SHAPES) == set(DATASETS)
