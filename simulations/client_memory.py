@@ -150,7 +150,6 @@ def client_peak_rss_mb(
 def _child(dataset: str, model: str, threads: int, partition_id: int, num_partitions: int) -> None:
     """Run one client round in this process and print the measurement (``--child``)."""
     # The imports are part of what is measured.
-    import numpy as np
     import torch
 
     torch.set_num_threads(threads)
@@ -206,7 +205,7 @@ def _child(dataset: str, model: str, threads: int, partition_id: int, num_partit
     cfg = RunConfig.from_mapping({"dataset": dataset, "model": model, "num-server-rounds": 1})
     # The round-1 downlink exactly as the ServerApp's strategy builds it (a few MB at most).
     net = core.new_model(cfg)
-    built = build_strategy(cfg, prunable=prunable_names(net), rng=np.random.default_rng(0))
+    built = build_strategy(cfg, prunable=prunable_names(net))
     message = next(
         iter(
             built.strategy.configure_train(1, to_record(get_weights(net)), ConfigRecord(), _Nodes())

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -102,9 +101,7 @@ class BuiltStrategy:
     masking: MaskReconciliation | None
 
 
-def build_strategy(
-    cfg: RunConfig, *, prunable: Sequence[str], rng: np.random.Generator
-) -> BuiltStrategy:
+def build_strategy(cfg: RunConfig, *, prunable: Sequence[str]) -> BuiltStrategy:
     """Compose the wrappers for ``cfg`` around its inner strategy.
 
     Parameters
@@ -113,8 +110,6 @@ def build_strategy(
         The validated run configuration.
     prunable : Sequence[str]
         Names of the model's prunable tensors (Linear/Conv weights).
-    rng : np.random.Generator
-        Randomness for the downlink encoder (stochastic rounding).
     """
     inner = build_inner(cfg)
     if cfg.clip_update_norm > 0:
@@ -140,7 +135,6 @@ def build_strategy(
     payload = CompressedPayload(
         ReplyValidation(inner, limits),
         cfg.codec(),
-        rng,
         update_codec=cfg.update_codec(),
         delta_downlink=cfg.delta_downlink,
     )

@@ -19,9 +19,8 @@ See ``docs/design.md`` for why weights go down and deltas come up.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from logging import INFO, WARNING
-from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -30,7 +29,6 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedprune import codec, keys
-from fedprune.checkpoint import generator_state, set_generator_state
 from fedprune.masks import mask_density
 from strategies.records import from_record, scalar, to_record
 from strategies.wrapper import StrategyWrapper
@@ -50,8 +48,6 @@ class CompressedPayload(StrategyWrapper):
         around one). It sees float32 arrays keyed by parameter name, never codes.
     codec_config : codec.CodecConfig
         How the global weights are encoded (every kept entry travels).
-    rng : np.random.Generator
-        Randomness for stochastic rounding of the downlink.
     update_codec : codec.CodecConfig, optional
         How a downlink *change* is encoded with ``delta_downlink`` (e.g. top-k); defaults to
         ``codec_config``. Uplink replies are decoded whatever their settings.
@@ -64,7 +60,6 @@ class CompressedPayload(StrategyWrapper):
         self,
         strategy: Strategy,
         codec_config: codec.CodecConfig,
-        rng: np.random.Generator,
         *,
         update_codec: codec.CodecConfig | None = None,
         delta_downlink: bool = False,
@@ -73,7 +68,6 @@ class CompressedPayload(StrategyWrapper):
         self.codec_config = codec_config
         self.update_codec = update_codec or codec_config
         self.delta_downlink = delta_downlink
-        self.rng = rng
         self._global: dict[str, np.ndarray] = {}
         self._max_reply_bytes = 0
         self._masks: dict[str, np.ndarray] | None = None
@@ -130,35 +124,53 @@ class CompressedPayload(StrategyWrapper):
         base: dict[str, np.ndarray] | None = None
         if use_delta and self._ref is not None:
             base = self._masked(self._ref)
+        sends_mask = {
+            message.metadata.dst_node_id: self._masks is not None
+            and self._node_mask_version.get(message.metadata.dst_node_id) != self._mask_version
+            for message in messages
+        }
+        holds_ref = {
+            node: base is not None and self._node_ref_version.get(node) == self._ref_version
+            for node in sends_mask
+        }
+        # The weights every receiver of full weights gets: the global model, or, in a round
+        # where others get a delta, the new reference itself, so that every node holds the same
+        # reference (up to int8 rounding) and later deltas apply to it. Otherwise the part of
+        # ``g - reference`` that top-k held back would never reach the weights receivers.
+        weights = self._global
+        change: dict[str, np.ndarray] | None = None
+        delta_payloads: dict[bool, codec.Payload] = {}
+        if any(holds_ref.values()):
+            assert base is not None
+            tensors = {k: g - base[k] for k, g in self._global.items()}
+            for send_masks in {sends_mask[n] for n, held in holds_ref.items() if held}:
+                delta_payloads[send_masks] = codec.encode(
+                    tensors, self.update_codec, masks=self._masks, send_masks=send_masks
+                )
+            change = codec.decode(next(iter(delta_payloads.values())), masks=self._masks)
+            weights = {k: base[k] + change[k] for k in base}
         # At most four variants per round (weights/delta x with/without mask bits), each encoded
         # and serialized once however many nodes receive it.
-        encoded: dict[tuple[str, bool], codec.Payload] = {}
         records: dict[tuple[str, bool], ArrayRecord] = {}
+        weights_payload: codec.Payload | None = None
 
         def record(kind: str, send_masks: bool) -> ArrayRecord:
+            nonlocal weights_payload
             if (kind, send_masks) not in records:
                 if kind == "delta":
-                    assert base is not None
-                    tensors = {k: g - base[k] for k, g in self._global.items()}
-                    config_ = self.update_codec
+                    payload = delta_payloads[send_masks]
                 else:
-                    tensors, config_ = self._global, self.codec_config
-                encoded[kind, send_masks] = codec.encode(
-                    tensors, config_, masks=self._masks, send_masks=send_masks, rng=self.rng
-                )
-                records[kind, send_masks] = to_record(encoded[kind, send_masks])
+                    payload = codec.encode(
+                        weights, self.codec_config, masks=self._masks, send_masks=send_masks
+                    )
+                    weights_payload = payload
+                records[kind, send_masks] = to_record(payload)
             return records[kind, send_masks]
 
         out: list[Message] = []
-        kinds: list[str] = []
         for message in messages:
             node = message.metadata.dst_node_id
-            send_masks = (
-                self._masks is not None and self._node_mask_version.get(node) != self._mask_version
-            )
-            holds_ref = base is not None and self._node_ref_version.get(node) == self._ref_version
-            kind = "delta" if holds_ref else "weights"
-            kinds.append(kind)
+            kind = "delta" if holds_ref[node] else "weights"
             node_config = ConfigRecord(dict(config))
             node_config[keys.PAYLOAD_KIND] = kind
             if use_delta:
@@ -170,7 +182,7 @@ class CompressedPayload(StrategyWrapper):
                     if name not in (keys.ARRAYS, keys.GLOBAL_MASK, keys.CONFIG)
                 }
             )
-            content[keys.ARRAYS] = record(kind, send_masks)
+            content[keys.ARRAYS] = record(kind, sends_mask[node])
             content[keys.CONFIG] = node_config
             out.append(
                 Message(
@@ -181,16 +193,14 @@ class CompressedPayload(StrategyWrapper):
                 )
             )
         if use_delta:
-            # The reference every node holds after this round (exactly, for delta receivers;
-            # weights receivers hold its int8 image, an error that does not accumulate).
-            if "delta" in kinds:
+            # The reference every node holds after this round: exactly, for delta receivers;
+            # weights receivers hold its int8 image, an error that does not accumulate.
+            if change is not None:
                 assert base is not None
-                sent = next(p for (k, _), p in encoded.items() if k == "delta")
-                change = codec.decode(sent, masks=self._masks)
                 self._ref = {k: base[k] + change[k] for k in base}
             else:
-                sent = next(iter(encoded.values()))
-                self._ref = codec.decode(sent, masks=self._masks)
+                assert weights_payload is not None
+                self._ref = codec.decode(weights_payload, masks=self._masks)
             self._ref_version += 1
         return out
 
@@ -282,18 +292,6 @@ class CompressedPayload(StrategyWrapper):
         # Replies that failed to decode, plus those the inner validation dropped.
         metrics[keys.NUM_REJECTED] = rejected + scalar(metrics, keys.NUM_REJECTED, int, 0)
         return arrays, metrics
-
-    def own_state(self) -> dict[str, Any]:
-        """Return the downlink encoder's RNG state (stochastic rounding).
-
-        What nodes hold (mask and reference versions) is not kept: a restarted run meets its
-        nodes under new ids, so each first gets the full weights and mask bits again.
-        """
-        return {"rng": generator_state(self.rng)}
-
-    def load_own_state(self, state: Mapping[str, Any]) -> None:
-        """Restore the encoder's RNG."""
-        set_generator_state(self.rng, state["rng"])
 
     def summary(self) -> None:
         """Log the codec settings and the inner strategy."""

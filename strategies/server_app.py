@@ -14,7 +14,6 @@ from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
@@ -78,7 +77,6 @@ def run(
     built = build_strategy(
         cfg,
         prunable=prunable_names(model),
-        rng=np.random.default_rng(core.derive_seed(cfg.seed, "server")),
     )
     built.strategy.on_round_end = on_round_end
     directory = Path(cfg.results_dir) / cfg.run_name
