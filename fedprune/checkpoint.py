@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -69,14 +70,14 @@ def save_state(path: str | Path, state: Mapping[str, Any]) -> None:
     if _META in arrays:
         raise ValueError(f"state name {_META!r} is reserved")
     for name, array in arrays.items():
-        if array.dtype == object:
+        if array.dtype.hasobject:
             raise ValueError(f"state {name!r} is an object array; only plain dtypes are stored")
     encoded = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     members: dict[str, Any] = {**arrays, _META: encoded}
     with open(tmp, "wb") as f:
-        np.savez(f, **members)
+        np.savez(f, allow_pickle=False, **members)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -90,12 +91,26 @@ def load_state(path: str | Path) -> dict[str, Any]:
     FileNotFoundError
         If ``path`` does not exist.
     ValueError
-        If the file is not a state file.
+        If the file is not a state file (not an npz archive, no or malformed metadata), or an
+        array in it would need pickle.
     """
-    with np.load(Path(path), allow_pickle=False) as data:
+    try:
+        data = np.load(Path(path), allow_pickle=False)
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a fedprune checkpoint: {err}") from err
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is not a fedprune checkpoint (not an npz archive)")
+    with data:
         if _META not in data.files:
             raise ValueError(f"{path} is not a fedprune checkpoint (no {_META})")
-        state: dict[str, Any] = json.loads(data[_META].tobytes().decode())
+        try:
+            state = json.loads(data[_META].tobytes().decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not a fedprune checkpoint: bad {_META}") from err
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} is not a fedprune checkpoint: {_META} is not an object")
         state.update({name: data[name] for name in data.files if name != _META})
     return state
 

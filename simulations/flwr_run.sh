@@ -21,6 +21,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 export FLWR_HOME="${FLWR_HOME:-$PWD/.flwr}"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_DISABLE_UPDATE_CHECK=1 FLWR_TELEMETRY_ENABLED=0  # no calls out
+command -v curl >/dev/null || { echo "error: curl is needed to wait for the SuperLink" >&2; exit 2; }
 if [[ ! -x .venv/bin/flwr ]]; then
   echo "error: .venv is missing; run 'make demo' (or 'make venv') first" >&2
   exit 2
@@ -43,10 +44,12 @@ stop() {
 }
 trap stop EXIT INT TERM
 
+healthy() { curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1; }
 for _ in $(seq 150); do
-  curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+  healthy && break
   kill -0 "$pid" 2>/dev/null || { echo "error: SuperLink exited; see $log" >&2; exit 1; }
   sleep 0.2
 done
+healthy || { echo "error: SuperLink not healthy after 30 s; see $log" >&2; exit 1; }
 
 flwr run . local --stream --federation-config "num-supernodes=$num_supernodes" "$@"

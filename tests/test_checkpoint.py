@@ -61,15 +61,24 @@ def test_state_round_trip_is_exact(
 def test_object_arrays_are_refused_on_save_and_load(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="object array"):
         save_state(tmp_path / "s.npz", {"x": np.array([{"a": 1}], dtype=object)})
-    np.savez(tmp_path / "evil.npz", x=np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(ValueError):  # numpy refuses to unpickle; nothing is executed
+    with pytest.raises(ValueError, match="object array"):  # an object field in a record dtype
+        save_state(tmp_path / "s.npz", {"x": np.zeros(1, dtype=[("a", object)])})
+    meta = np.frombuffer(b"{}", dtype=np.uint8)
+    evil = {"x": np.array([{"a": 1}], dtype=object), "__meta__.json": meta}
+    np.savez(tmp_path / "evil.npz", allow_pickle=True, **evil)
+    with pytest.raises(ValueError, match="Object arrays cannot be loaded"):  # never unpickled
         load_state(tmp_path / "evil.npz")
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "plain.npz", x=np.zeros(3))
-    with pytest.raises(ValueError, match="not a fedprune checkpoint"):
-        load_state(tmp_path / "plain.npz")
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "truncated.npz").write_bytes((tmp_path / "plain.npz").read_bytes()[:100])
+    list_meta: dict[str, Any] = {"__meta__.json": np.frombuffer(b"[1]", np.uint8)}
+    np.savez(tmp_path / "list-meta.npz", **list_meta)
+    for name in ("plain.npz", "array.npy", "truncated.npz", "list-meta.npz"):
+        with pytest.raises(ValueError, match="not a fedprune checkpoint"):
+            load_state(tmp_path / name)
 
 
 def test_save_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:

@@ -64,13 +64,17 @@ def test_topk_out_of_range_is_rejected(topk: float) -> None:
 
 
 def _corrupt(edit: str) -> codec.Payload:
-    payload = codec.encode({"w": X, "b": np.ones(2, np.float32)}, CodecConfig(topk=0.5))
+    # 6 + 3 candidate bits: "select" is 2 bytes, the last 7 bits of the second are padding.
+    payload = codec.encode({"w": X, "b": np.ones(3, np.float32)}, CodecConfig(topk=0.5))
+    select = payload["select"].copy()
     if edit == "short select":
-        payload["select"] = payload["select"][:0]
-    elif edit == "extra bit":  # 5 selected bits for 4 transmitted values
-        payload["select"] = np.array([0b10011100, 0b10000000], np.uint8)
+        payload["select"] = select[:1]
+    elif edit == "extra bit":  # b's third entry selected too: 3 selected, 2 values sent
+        select[1] |= 0b10000000
+        payload["select"] = select
     elif edit == "padding":
-        payload["select"] = payload["select"] | np.array([0, 0b00000001], np.uint8)
+        select[1] |= 0b00000001
+        payload["select"] = select
     elif edit == "missing select":
         del payload["select"]
     elif edit == "half flagged":
@@ -81,10 +85,18 @@ def _corrupt(edit: str) -> codec.Payload:
 
 
 @pytest.mark.parametrize(
-    "edit", ["short select", "extra bit", "padding", "missing select", "half flagged"]
+    ("edit", "message"),
+    [
+        ("short select", "'select' has 1 entries, expected 2"),
+        ("extra bit", "2 transmitted values but the mask and selection keeps 3"),
+        ("padding", "'select' has non-zero padding bits"),
+        ("missing select", "missing keys \\['select'\\]"),
+        ("half flagged", "3 values for a tensor of 6 entries"),
+    ],
 )
-def test_malformed_selections_are_rejected(edit: str) -> None:
-    with pytest.raises(ValueError):
+def test_malformed_selections_are_rejected(edit: str, message: str) -> None:
+    codec.decode(_corrupt("none"))  # the unedited payload decodes
+    with pytest.raises(ValueError, match=message):
         codec.decode(_corrupt(edit))
 
 

@@ -24,8 +24,10 @@ from fedprune.data import (
     NORMALIZATION,
     ArrayDataset,
     DatasetUnavailableError,
+    _client_data_cached,
     _load_cached,
     _load_vision,
+    _partition_cached,
     client_data,
     load_dataset,
     parse_idx,
@@ -425,6 +427,7 @@ def test_iid_disjoint_complete_balanced(digits_labels: np.ndarray) -> None:
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet", "classes"])
 def test_partitions_are_deterministic_by_seed(digits_labels: np.ndarray, scheme: str) -> None:
     a = partition(digits_labels, 8, scheme=scheme, alpha=0.5, classes_per_client=3, seed=1)
+    _partition_cached.cache_clear()  # recompute, not the cached arrays of `a`
     b = partition(digits_labels.copy(), 8, scheme=scheme, alpha=0.5, classes_per_client=3, seed=1)
     c = partition(digits_labels, 8, scheme=scheme, alpha=0.5, classes_per_client=3, seed=2)
     for pa, pb in zip(a, b, strict=True):
@@ -557,7 +560,6 @@ def test_client_data_rows_are_the_partition_rows() -> None:
 
 
 def test_client_data_validation_split() -> None:
-    train, _ = load_dataset("digits")
     kw: dict[str, Any] = {"scheme": "iid", "seed": 0, "val_fraction": 0.1}
     fit = client_data("digits", 2, 4, **kw)
     val = client_data("digits", 2, 4, split="val", **kw)
@@ -568,9 +570,11 @@ def test_client_data_validation_split() -> None:
     ref = whole.x.reshape(len(whole), -1)
     np.testing.assert_array_equal(rows[np.lexsort(rows.T[::-1])], ref[np.lexsort(ref.T[::-1])])
     assert fit.num_classes == 10 and val.x.shape[1:] == (1, 8, 8)
+    _client_data_cached.cache_clear()  # recompute, not the cached arrays of `val`
     again = client_data("digits", 2, 4, split="val", **kw)
+    assert again is not val
     np.testing.assert_array_equal(again.y, val.y)
-    assert train.num_classes == 10
+    np.testing.assert_array_equal(again.x, val.x)
 
 
 def test_client_data_rejects_bad_arguments() -> None:

@@ -284,5 +284,7 @@ def test_client_memory_probe_measures_one_round() -> None:
 
     measured = measure_client_memory("digits", "mlp", threads=1)
     assert measured.num_examples > 0
-    assert 0 < measured.imports_mb <= measured.data_mb <= measured.peak_mb
+    # The round itself (data, model, training) costs memory beyond the imports, and the whole
+    # client stays far below what a 2 GB Pi could not hold even with the CUDA build of torch.
+    assert 0 < measured.imports_mb < measured.peak_mb < 2048
     assert measured.train_s > 0

@@ -1,6 +1,7 @@
 """The README's `flwr run` command, as written: a real local SuperLink, stopped afterwards."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -13,7 +14,9 @@ pytestmark = pytest.mark.slow
 
 def superlinks() -> list[str]:
     out = subprocess.run(["pgrep", "-af", "flower-superlink"], capture_output=True, text=True)
-    return [line for line in out.stdout.splitlines() if str(ROOT) in line or "--simulation" in line]
+    # The script logs its SuperLink under $FLWR_HOME: other sessions' SuperLinks do not match.
+    home = os.environ.get("FLWR_HOME", str(ROOT / ".flwr"))
+    return [line for line in out.stdout.splitlines() if f"{home}/local-superlink/" in line]
 
 
 def test_flwr_run_script_runs_the_app_and_leaves_nothing_behind(tmp_path: Path) -> None:
