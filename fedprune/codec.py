@@ -68,6 +68,8 @@ from typing import Final, Literal, TypeAlias, get_args
 import numpy as np
 from numpy.typing import NDArray
 
+from fedprune.masks import topk_flat
+
 __all__ = [
     "FLAG_CODES_ZLIB",
     "FLAG_MASKED",
@@ -834,15 +836,8 @@ def _select_topk(
     magnitude = np.abs(candidates)
     if not np.isfinite(magnitude).all():
         raise ValueError(f"tensor {name!r} has non-finite (NaN or inf) entries")
-    k = math.ceil(topk * magnitude.size)
-    selection = np.zeros(magnitude.size, dtype=np.bool_)
-    if k >= magnitude.size:
-        selection[:] = True
-    elif k > 0:
-        # Stable ranking: equal magnitudes go to the lower index, the same on every machine.
-        order = np.argsort(-magnitude, kind="stable")
-        selection[order[:k]] = True
-    return selection
+    # Linear-time selection; equal magnitudes go to the lower index, the same on every machine.
+    return topk_flat(magnitude, math.ceil(topk * magnitude.size))
 
 
 def _selected_mask(

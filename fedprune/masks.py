@@ -50,7 +50,7 @@ from typing import Literal, get_args
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["ReconcileConfig", "ReconcileRule", "mask_density", "reconcile"]
+__all__ = ["ReconcileConfig", "ReconcileRule", "mask_density", "reconcile", "topk_flat"]
 
 ReconcileRule = Literal["majority", "intersection", "union", "topk"]
 """How client votes become the global mask (see the module docstring)."""
@@ -344,11 +344,11 @@ def _topk(
         allowed = np.concatenate([prior[n].reshape(-1) for n in names])
         k = min(k, int(np.count_nonzero(allowed)))
         acc[~allowed] = -np.inf
-    keep = _topk_flat(acc, k)
+    keep = topk_flat(acc, k)
     return {name: keep[sl].reshape(shapes[name]) for name, sl in zip(names, views, strict=True)}
 
 
-def _topk_flat(scores: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.bool_]:
+def topk_flat(scores: npt.NDArray[np.floating], k: int) -> npt.NDArray[np.bool_]:
     """Mask of the ``k`` largest ``scores``; among equal scores the lower index wins.
 
     ``k`` must not exceed the number of finite scores (``-inf`` marks excluded entries).

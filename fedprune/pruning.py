@@ -458,14 +458,6 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _top_channels(scores: Tensor, count: int) -> Tensor:
-    """Bool mask of the ``count`` highest scores; on ties the lower index wins."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    keep[order[:count]] = True
-    return keep
-
-
 def l1_channel_scores(model: nn.Module) -> dict[str, Tensor]:
     """L1 norm of each output channel (row / filter) of every ``Linear``/``Conv`` weight.
 
@@ -605,7 +597,7 @@ def _choose_channels(
             break
     groups = out_channels // group
     count = max(1, round(keep * groups))
-    group_keep = _top_channels(scores.view(groups, group).sum(dim=1), count)
+    group_keep = _topk_flat(scores.view(groups, group).sum(dim=1), count)
     return group_keep.repeat_interleave(group)
 
 
