@@ -151,7 +151,11 @@ class RunConfig:
         return config
 
     def validate(self) -> None:
-        """Check ranges and cross-field rules; raise :class:`ConfigError` naming the key."""
+        """Check types, ranges and cross-field rules; raise :class:`ConfigError` naming the key."""
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _coerce(_key(f.name), getattr(self, f.name), hints[f.name])
+        _check(self.seed >= 0, "seed", "must be >= 0")
         _check(bool(self.run_name.strip()), "run-name", "must not be empty")
         _check(
             "/" not in self.run_name and ".." not in self.run_name,

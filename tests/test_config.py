@@ -73,3 +73,20 @@ def test_distillation_composes_with_every_strategy_and_dp() -> None:
         {"distill": True, "model": "mlp-small", "teacher-model": "mlp", "dataset": "cifar10"}
     )
     assert small.teacher_model == "mlp"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"strategy": "FedAvg"}, "'strategy': 'FedAvg' is not one of"),
+        ({"quant": "int4"}, "'quant': 'int4' is not one of"),
+        ({"num_server_rounds": 2.5}, "'num-server-rounds': expected an integer"),
+        ({"lr": "0.1"}, "'lr': expected a number"),
+        ({"proximal_mu": float("inf")}, "'proximal-mu': must be finite"),
+        ({"dp": 1}, "'dp': expected true/false"),
+        ({"seed": -1}, "'seed': must be >= 0"),
+    ],
+)
+def test_replace_checks_types_like_from_mapping(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RunConfig().replace(**changes)
