@@ -136,9 +136,10 @@ class RunConfig:
         for key, value in values.items():
             f = fields[key]
             kwargs[f.name] = _coerce(key, value, hints[f.name])
-        config = cls(**kwargs)
-        config.validate()
-        return config
+        return cls(**kwargs)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def to_mapping(self) -> dict[str, bool | int | float | str]:
         """Return the flat kebab-case mapping (inverse of :meth:`from_mapping`)."""
@@ -146,9 +147,7 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         """Return a validated copy with ``changes`` (snake_case field names) applied."""
-        config = dataclasses.replace(self, **changes)
-        config.validate()
-        return config
+        return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:
         """Check types, ranges and cross-field rules; raise :class:`ConfigError` naming the key."""
