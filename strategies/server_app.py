@@ -112,7 +112,13 @@ def run(
         log(INFO, "round %d: test accuracy %.4f, loss %.4f", server_round, accuracy, loss)
         train_metrics = train_metrics or MetricRecord()
         traffic = strategy.rounds.get(server_round, RoundTraffic(server_round))
-        epsilon = scalar(train_metrics, keys.EPSILON, float, -1.0)
+        # A skipped round reports no density: the global mask's is what the model has.
+        global_density = built.masking.density if built.masking is not None else 1.0
+        # ε is cumulative: a round in which no client reported one keeps the last value.
+        epsilon = max(
+            scalar(train_metrics, keys.EPSILON, float, -1.0),
+            records[-1].epsilon if records and records[-1].epsilon is not None else -1.0,
+        )
         records.append(
             RoundRecord(
                 round=server_round,
@@ -120,7 +126,7 @@ def run(
                 loss=loss,
                 bytes_up=traffic.bytes_up,
                 bytes_down=traffic.bytes_down,
-                density=scalar(train_metrics, keys.DENSITY, float, 1.0),
+                density=scalar(train_metrics, keys.DENSITY, float, global_density),
                 epsilon=None if epsilon < 0 else epsilon,
                 wall_s=traffic.wall_s,
             )

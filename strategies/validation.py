@@ -14,6 +14,7 @@ codec, so it sees decoded float32 models) and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -26,7 +27,7 @@ from flwr.supercore import log
 
 from fedprune import keys
 from strategies.records import from_record, scalar
-from strategies.wrapper import StrategyWrapper
+from strategies.wrapper import StrategyWrapper, load_strategy_state, strategy_state
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ class ReplyValidation(StrategyWrapper):
             raise ValueError(
                 f"'{keys.NUM_EXAMPLES}'={num_examples} not in [1, {self.limits.max_num_examples}]"
             )
+        if keys.EPSILON in metrics:
+            epsilon = scalar(metrics, keys.EPSILON, float)
+            if not (math.isfinite(epsilon) and epsilon >= 0.0):
+                raise ValueError(f"'{keys.EPSILON}'={epsilon} is not a finite number >= 0")
         claimed = scalar(metrics, keys.SERVER_ROUND, int, server_round)
         if claimed != server_round:
             raise ValueError(f"stale reply: it claims round {claimed}, this is {server_round}")
@@ -123,13 +128,17 @@ class ReplyValidation(StrategyWrapper):
                 len(seen),
                 self.limits.min_replies,
             )
-            return None, MetricRecord({keys.NUM_REJECTED: len(reasons)})
+            return None, _skipped(valid, len(reasons))
+        # Stateful inner strategies (FedAvgM's momentum, FedAdam's moments, the mask) update
+        # while they aggregate: a skipped round must leave them as they were.
+        before = strategy_state(self.strategy)
         arrays, metrics = self.strategy.aggregate_train(server_round, valid)
         metrics = MetricRecord() if metrics is None else metrics
         metrics[keys.NUM_REJECTED] = len(reasons)
         if arrays is not None and not all(np.isfinite(a.numpy()).all() for a in arrays.values()):
             log(WARNING, "round %d skipped: the aggregate is not finite", server_round)
-            return None, metrics
+            load_strategy_state(self.strategy, before)
+            return None, _skipped(valid, len(reasons))
         log(INFO, "round %d: %d valid replies, %d rejected", server_round, len(seen), len(reasons))
         return arrays, metrics
 
@@ -137,3 +146,19 @@ class ReplyValidation(StrategyWrapper):
         """Log the limits and the inner strategy."""
         log(INFO, "\t├──> Reply validation: %s", self.limits)
         self.strategy.summary()
+
+
+def _skipped(valid: list[Message], rejected: int) -> MetricRecord:
+    """Metrics of a skipped round: the rejections, and the largest ε the valid replies report.
+
+    The clients trained (and spent privacy budget) even though their round was skipped.
+    """
+    metrics = MetricRecord({keys.NUM_REJECTED: rejected})
+    epsilons = [
+        scalar(reply.content.metric_records[keys.METRICS], keys.EPSILON, float)
+        for reply in valid
+        if not reply.has_error() and keys.EPSILON in reply.content.metric_records[keys.METRICS]
+    ]
+    if epsilons:
+        metrics[keys.EPSILON] = max(epsilons)
+    return metrics

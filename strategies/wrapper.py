@@ -109,8 +109,11 @@ def _flower_state(strategy: Strategy) -> dict[str, Any]:
 
 def _load_flower_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
     for attr in FLOWER_STATE:
+        if not hasattr(strategy, attr):
+            continue
         info = state.get(attr)
-        if info is None:
+        if info is None:  # not set yet when the state was taken
+            setattr(strategy, attr, None)
             continue
         items = [(k, state[f"{attr}/{k}"]) for k in info["names"]]
         value: Any

@@ -81,6 +81,9 @@ BAD_INPUTS: dict[str, Callable[[Message], None]] = {
     "huge-examples": with_metric(keys.NUM_EXAMPLES, 10**9),
     "float-examples": with_metric(keys.NUM_EXAMPLES, 2.5),
     "stale-round": with_metric(keys.SERVER_ROUND, 0),
+    "epsilon-nan": with_metric(keys.EPSILON, float("nan")),
+    "epsilon-negative": with_metric(keys.EPSILON, -1.0),
+    "epsilon-list": with_metric(keys.EPSILON, [1.0, 2.0]),
     "no-arrays": without(keys.ARRAYS),
     "no-metrics": without(keys.METRICS),
 }
@@ -125,8 +128,32 @@ def test_too_few_valid_replies_skip_the_round() -> None:
     bad = good(sent[1], 0.0)
     BAD_INPUTS["nan"](bad)
     arrays, metrics = strategy.aggregate_train(1, [good(sent[0], 1.0), bad])
-    assert arrays is None  # Strategy.start keeps the previous global model
+    assert arrays is None  # the ServerApp keeps the previous global model
     assert metrics is not None and metrics[keys.NUM_REJECTED] == 1
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_a_non_finite_aggregate_skips_the_round_and_leaves_the_server_optimizer_as_it_was() -> None:
+    """Finite replies whose FedAvgM step overflows float32: the momentum must not keep the inf."""
+    from flwr.serverapp.strategy import FedAvgM
+
+    from strategies.wrapper import strategy_state
+
+    inner = FedAvgM(server_learning_rate=2.0, server_momentum=0.9)
+    strategy = ReplyValidation(inner, ReplyLimits(min_replies=2))
+    sent = configure(strategy, [1, 2])
+    arrays, _ = strategy.aggregate_train(1, [good(sent[0], 1.0), good(sent[1], 3.0)])
+    assert arrays is not None and inner.momentum_vector is not None
+    before = strategy_state(inner)
+    huge = 3e38 - float(GLOBAL["w"].max())  # finite replies; 2 x 3e38 overflows float32
+    arrays, metrics = strategy.aggregate_train(1, [good(sent[0], huge), good(sent[1], huge)])
+    assert arrays is None and metrics is not None and metrics[keys.NUM_REJECTED] == 0
+    after = strategy_state(inner)
+    assert set(after) == set(before)
+    for name, value in before.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(after[name], value)
+            assert np.isfinite(after[name]).all()
 
 
 def test_every_failure_reason_is_recorded() -> None:
