@@ -105,15 +105,17 @@ def restore_node_state(
     A node's state (error-feedback residual, privacy accountant, mask and reference caches)
     lives in ``context.state``, which a restarted run does not have. When the server resumed
     from a checkpoint after round R, the node reloads its own checkpoint of the last round
-    <= R it trained in, so that the run goes on exactly as if it had not stopped, and ε keeps
-    counting. In a fresh run (R = 0) stale states of an earlier run of that name are removed.
+    <= R it trained in, so that ε keeps counting and the run goes on as if it had not stopped
+    (bit for bit, except with ``delta-downlink``: the first resumed round sends full weights).
+    States of rounds after R (the attempt that died) are removed; in a fresh run (R = 0), all
+    states of an earlier run of that name.
     """
     if keys.STATE_RESTORED in context.state.config_records:
         return
     directory = client_state_dir(cfg.results_dir, cfg.run_name, partition_id)
-    if resumed_from == 0:
-        clear_round_states(directory)
-    elif (found := load_round_state(directory, resumed_from)) is not None:
+    found = load_round_state(directory, resumed_from) if resumed_from > 0 else None
+    clear_round_states(directory, after=resumed_from)
+    if found is not None:
         _, state = found
         for name in {k.split("/")[1] for k in state if k.startswith("arrays/")}:
             context.state[name] = to_record(nested(state, f"arrays/{name}"))
@@ -222,12 +224,10 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if result.teacher_weights is not None:  # the teacher stays on the node
         context.state[keys.STATE_TEACHER] = to_record(result.teacher_weights)
     metrics = MetricRecord(
-        {
-            keys.NUM_EXAMPLES: result.num_examples,
-            keys.TRAIN_LOSS: result.train_loss,
-            keys.SERVER_ROUND: server_round,
-        }
+        {keys.NUM_EXAMPLES: result.num_examples, keys.SERVER_ROUND: server_round}
     )
+    if not cfg.dp:  # the loss on private batches is not noised: under DP it stays on the node
+        metrics[keys.TRAIN_LOSS] = result.train_loss
     if result.epsilon is not None and result.accountant_state is not None:
         metrics[keys.EPSILON] = result.epsilon
         context.state[keys.STATE_ACCOUNTANT] = to_record(result.accountant_state)

@@ -76,7 +76,9 @@ class FedPruneNumPyClient(NumPyClient):
         self.accountant_state = result.accountant_state
         if self.teacher is not None and result.teacher_weights is not None:
             set_weights(self.teacher, result.teacher_weights)  # kept here, never returned
-        metrics: dict[str, Scalar] = {keys.TRAIN_LOSS: result.train_loss}
+        metrics: dict[str, Scalar] = {}
+        if not self.cfg.dp:  # the loss on private batches is not noised: under DP it stays here
+            metrics[keys.TRAIN_LOSS] = result.train_loss
         if result.epsilon is not None:
             metrics[keys.EPSILON] = result.epsilon
         return list(result.weights.values()), result.num_examples, metrics

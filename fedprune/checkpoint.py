@@ -156,10 +156,15 @@ def load_round_state(directory: str | Path, at_most: int) -> tuple[int, dict[str
     return newest, load_state(Path(directory) / f"round-{newest}.npz")
 
 
-def clear_round_states(directory: str | Path) -> None:
-    """Remove a node's saved states (a fresh run under the same name)."""
+def clear_round_states(directory: str | Path, after: int = 0) -> None:
+    """Remove a node's saved states of rounds after ``after`` (all: a fresh run of that name).
+
+    On a resume after round R, the states of rounds > R belong to the attempt that died; left in
+    place they could later be taken for the state of a round the resumed run trained.
+    """
     for r in _round_files(Path(directory)):
-        (Path(directory) / f"round-{r}.npz").unlink(missing_ok=True)
+        if r > after:
+            (Path(directory) / f"round-{r}.npz").unlink(missing_ok=True)
 
 
 def _round_files(directory: Path) -> list[int]:

@@ -101,6 +101,8 @@ def test_node_keeps_its_two_newest_states_and_loads_the_newest_not_after_r(
     assert found is not None and found[0] == 6
     assert load_round_state(tmp_path, 3) is None
     assert load_round_state(tmp_path / "missing", 9) is None
+    clear_round_states(tmp_path, after=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-4.npz"]
     clear_round_states(tmp_path)
     assert list(tmp_path.iterdir()) == []
 

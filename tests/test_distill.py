@@ -394,8 +394,10 @@ def test_no_teacher_parameter_travels_and_bytes_equal_the_plain_student(tmp_path
     assert distilled.final_accuracy != plain.final_accuracy
 
 
-def test_client_app_keeps_the_teacher_in_its_state_and_replies_with_the_student_only() -> None:
-    cfg = RunConfig(strategy="fedavg", target_density=1.0, distill=True)
+def test_client_app_keeps_the_teacher_in_its_state_and_replies_with_the_student_only(
+    tmp_path: Path,
+) -> None:
+    cfg = RunConfig(strategy="fedavg", target_density=1.0, distill=True, results_dir=str(tmp_path))
     student = get_weights(core.new_model(cfg))
     node: dict[str, bool | float | int | str] = {keys.PARTITION_ID: 1, keys.NUM_PARTITIONS: 4}
     kept, fresh = Context(1, 7, node, RecordDict(), {}), Context(1, 7, node, RecordDict(), {})

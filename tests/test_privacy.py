@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -583,3 +584,38 @@ def test_empty_poisson_batch_is_a_noise_only_step(mode: str) -> None:
     assert torch.all(after[~keep["0.weight"]] == 0.0)
     assert torch.all(after[keep["0.weight"]] != before[keep["0.weight"]])  # noise moved them
     assert accountant_state_from_arrays(trainer.accountant_state())["history"] == [(1.1, 0.25, 1)]
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_the_client_reports_its_training_loss_only_without_dp(dp: bool, tmp_path: Path) -> None:
+    """The loss on private batches is not noised: under DP it never leaves the node."""
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from clients import client_app, core
+    from fedprune import keys
+    from fedprune.config import RunConfig
+    from fedprune.models import get_weights
+    from strategies.records import to_record
+    from tests.support import server_task_identity
+
+    cfg = RunConfig(
+        strategy="fedavg",
+        target_density=1.0,
+        results_dir=str(tmp_path),
+        dp=dp,
+        noise_multiplier=1.0 if dp else 0.0,
+    )
+    node: dict[str, bool | float | int | str] = {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 4}
+    context = Context(1, 7, node, RecordDict(), {})
+    content = RecordDict(
+        {
+            keys.ARRAYS: to_record(get_weights(core.new_model(cfg))),
+            keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1}),
+        }
+    )
+    with server_task_identity():
+        message = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+        reply = client_app.train(message, context, cfg)
+    metrics = reply.content.metric_records[keys.METRICS]
+    assert (keys.TRAIN_LOSS in metrics) == (not dp)
+    assert (keys.EPSILON in metrics) == dp
