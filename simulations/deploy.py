@@ -1639,7 +1639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with ExitOnSignal():
             return _dispatch(args, processes)
-    except DeploymentError as err:
+    except (DeploymentError, ValueError) as err:  # ValueError: a bad option value
         console.print(f"[red]error:[/] {err}")
         return 1
     except KeyboardInterrupt:

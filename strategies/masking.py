@@ -114,10 +114,13 @@ class MaskReconciliation(StrategyWrapper):
             record = to_record(self.mask)
             for message in out:
                 message.content[keys.GLOBAL_MASK] = record
+        density = self._round_density.get(server_round)
+        if density is None:
+            density = self.density  # a pass over the whole mask: once, not per message
         for message in out:
             config = message.content.config_records.get(keys.CONFIG)
             if config is not None:
-                config[keys.DENSITY] = self._round_density.get(server_round, self.density)
+                config[keys.DENSITY] = density
                 config[keys.VOTE] = vote
                 config[keys.MASK_VERSION] = self.version
         return out

@@ -162,22 +162,36 @@ def run(
     return summary
 
 
-def _wait_for_nodes(grid: Grid, count: int, settle_s: float = 0.2) -> None:
+def _wait_for_nodes(
+    grid: Grid, count: int, settle_s: float = 0.2, timeout_s: float = TIMEOUT_S
+) -> None:
     """Wait until at least ``count`` nodes are connected and no more joined for ``settle_s``.
 
     Flower's strategies size their sample from the nodes connected when a round is configured
     and only then wait for the minimum: a round configured while the SuperNodes are still
     registering would sample fewer of them than a run that started a moment later.
+
+    Raises
+    ------
+    RuntimeError
+        If fewer than ``count`` nodes connected within ``timeout_s``.
     """
-    seen, since = -1, time.monotonic()
+    started = time.monotonic()
+    seen, since = -1, started
     while True:
         connected = len(list(grid.get_node_ids()))
+        now = time.monotonic()
         if connected != seen:
             if connected < count and seen < 0:
                 log(INFO, "waiting for %d nodes to connect (%d so far)", count, connected)
-            seen, since = connected, time.monotonic()
-        elif connected >= count and time.monotonic() - since >= settle_s:
+            seen, since = connected, now
+        elif connected >= count and now - since >= settle_s:
             return
+        if connected < count and now - started > timeout_s:
+            raise RuntimeError(
+                f"only {connected} of the {count} nodes that min-train-nodes asks for connected "
+                f"in {timeout_s:.0f} s"
+            )
         time.sleep(0.05)
 
 

@@ -288,3 +288,11 @@ def test_client_memory_probe_measures_one_round() -> None:
     # client stays far below what a 2 GB Pi could not hold even with the CUDA build of torch.
     assert 0 < measured.imports_mb < measured.peak_mb < 2048
     assert measured.train_s > 0
+
+
+def test_a_bad_option_value_is_an_error_message_not_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["supernode", "--superlink", "127.0.0.1:9092", "--insecure"]
+    assert deploy.main([*argv, "--partition-id", "5", "--num-partitions", "2"]) == 1
+    assert "error: partition_id=5 not in [0, 2)" in capsys.readouterr().err

@@ -434,3 +434,11 @@ def test_a_bad_payload_or_vote_is_dropped_and_model_and_mask_equal_the_run_witho
     np.testing.assert_array_equal(clean_mask["w"], [[1, 1, 1], [1, 0, 0]])
     for name in GLOBAL:
         np.testing.assert_array_equal(got[name], clean[name])
+
+
+def test_the_server_waits_for_its_nodes_and_says_when_too_few_come() -> None:
+    from strategies.server_app import _wait_for_nodes
+
+    _wait_for_nodes(StaticGrid([1, 2, 3]), 3, settle_s=0.0)  # returns at once
+    with pytest.raises(RuntimeError, match="only 2 of the 3 nodes"):
+        _wait_for_nodes(StaticGrid([1, 2]), 3, timeout_s=0.2)
