@@ -55,14 +55,24 @@ _DENSE_FP32 = {
 }
 
 
+def _prune(end: int) -> dict[str, Any]:
+    """Return the pruning schedule of every pruned row: top-k reconciliation, ends at ``end``."""
+    return {"prune-start-round": 1, "prune-end-round": end, "reconcile-rule": "topk"}
+
+
+def _d03_int8(prune_end: int) -> dict[str, Any]:
+    """Return the changes of row ``d0.3-int8-zlib`` (the plain twin of the distilled row)."""
+    return {**_prune(prune_end), "quant": "int8-channel", "target-density": 0.3}
+
+
 def _rows(prune_end: int, dp_epsilon: float) -> tuple[Row, ...]:
     """Return the standard rows, pruning on a schedule that reaches its density at ``prune_end``."""
-    prune = {"prune-start-round": 1, "prune-end-round": prune_end, "reconcile-rule": "topk"}
+    prune = _prune(prune_end)
     return (
         Row(FEDAVG, _DENSE_FP32),
         Row("fedavg-int8", {"quant": "int8-channel", "target-density": 1.0, "entropy": False}),
         Row("d0.3-fp32", {**prune, "quant": "none", "target-density": 0.3, "entropy": False}),
-        Row("d0.3-int8-zlib", {**prune, "quant": "int8-channel", "target-density": 0.3}),
+        Row("d0.3-int8-zlib", _d03_int8(prune_end)),
         Row("d0.1-int8-zlib", {**prune, "quant": "int8-channel", "target-density": 0.1}),
         Row(
             "int8-topk0.05-delta",
@@ -76,9 +86,7 @@ def _rows(prune_end: int, dp_epsilon: float) -> tuple[Row, ...]:
         Row(
             f"d0.3-int8-dp-eps{dp_epsilon:g}",
             {
-                **prune,
-                "quant": "int8-channel",
-                "target-density": 0.3,
+                **_d03_int8(prune_end),
                 "dp": True,
                 "target-epsilon": dp_epsilon,
                 "max-grad-norm": 1.0,
@@ -97,12 +105,11 @@ def _distill_rows(prune_end: int) -> tuple[Row, ...]:
     Each ``*-kd`` row equals its twin except ``distill = true``: every client also trains a
     private ``mlp-large`` teacher (784-512-512-10 on 28x28 inputs, never sent) by mutual
     distillation, so the two rows send the same student, pruned and int8, at the same bytes
-    (up to zlib on different values). The twin of ``d0.3-int8-kd`` is the standard
+    (up to zlib on different values). The twin of ``d0.3-int8-zlib-kd`` is the standard
     ``d0.3-int8-zlib``; ``small-*`` rows use the compact ``mlp-small`` student (784-64-64-10).
     """
-    prune = {"prune-start-round": 1, "prune-end-round": prune_end, "reconcile-rule": "topk"}
     kd = {"distill": True, "teacher-model": "mlp-large"}
-    d03 = {**prune, "quant": "int8-channel", "target-density": 0.3}
+    d03 = _d03_int8(prune_end)
     small = {**d03, "model": "mlp-small"}
     return (
         Row(f"d0.3-int8-zlib{KD_SUFFIX}", {**d03, **kd}),
