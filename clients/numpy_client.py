@@ -1,6 +1,6 @@
 """A ``NumPyClient`` adapter over the same training core, for Flower's legacy path.
 
-Flower 1.41 keeps ``NumPyClient`` in ``flwr.compat`` (legacy). Legacy strategies
+Flower 1.42 keeps ``NumPyClient`` in ``flwr.compat`` (legacy). Legacy strategies
 (``flwr.server.strategy``) average the dense float32 lists they receive, so this adapter speaks
 dense float32: it trains exactly as the ClientApp does (:func:`clients.core.train`, with DP-SGD
 when the run config asks for it) but sends no compressed payloads. Compression, masks and

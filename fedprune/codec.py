@@ -47,7 +47,7 @@ masked tensor is sent with its bits
 compresses the whole code/value stream and the whole mask stream with zlib and keeps each result
 only when that stream's serialized size shrinks.
 
-:func:`wire_size` reproduces the byte count of Flower 1.41's serialization of the payload's
+:func:`wire_size` reproduces the byte count of Flower 1.42's serialization of the payload's
 ``ArrayRecord`` without importing Flower. This module is pure numpy and never imports ``flwr``.
 """
 
@@ -178,7 +178,7 @@ _BLOCK: Final = 1 << 17
 """Entries per block of the blocked encode kernels (their temporaries stay in L2 cache)."""
 """Byte layout of compressed ``values`` streams (little-endian float32)."""
 
-# -- Flower 1.41 serialization constants (flwr.common.constant, flwr.supercore.constant) ------
+# -- Flower 1.42 serialization constants (flwr.common.constant, flwr.supercore.constant) ------
 FLWR_CHUNK_SIZE_ENV: Final = "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE"
 FLWR_DEFAULT_CHUNK_SIZE: Final = 5 * 1024 * 1024
 _OBJECT_ID_LEN: Final = 64  # sha256 hex digest
@@ -1286,7 +1286,7 @@ def residual(
 
 
 # ==============================================================================================
-# Wire size (Flower 1.41 inflatable-object serialization, reproduced without importing flwr)
+# Wire size (Flower 1.42 inflatable-object serialization, reproduced without importing flwr)
 # ==============================================================================================
 @lru_cache(maxsize=4096)
 def _npy_header(dtype: np.dtype, fortran_order: bool, shape: tuple[int, ...]) -> bytes:
@@ -1378,7 +1378,7 @@ def _chunk_key(header: bytes, data: np.ndarray, start: int, end: int) -> object:
 
 
 def wire_size(payload: Mapping[str, np.ndarray], *, chunk_size: int | None = None) -> int:
-    """Exact byte size of Flower 1.41's serialization of ``ArrayRecord(payload)``.
+    """Exact byte size of Flower 1.42's serialization of ``ArrayRecord(payload)``.
 
     Flower sends a message as the unique objects of its tree, each deflated to
     ``f"{ClassName} {child ids} {len(body)}"`` + a NUL byte + ``body`` (child ids are

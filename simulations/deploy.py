@@ -16,7 +16,7 @@
 ``check-wheels``  download the aarch64 wheels a Raspberry Pi needs and report their versions
 =============  =================================================================================
 
-How Flower 1.41 does TLS and authentication (read from its source):
+How Flower 1.42 does TLS and authentication (read from its source):
 
 - The SuperLink serves its Fleet, Control and Runtime APIs over HTTPS on one ``--host``/``--port``
   (uvicorn), with ``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``. In ``subprocess`` isolation it

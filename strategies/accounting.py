@@ -1,6 +1,6 @@
 """Bytes on the wire, counted from Flower's own serialization of every message.
 
-Flower 1.41 moves a message as a tree of *inflatable objects* (Message -> RecordDict ->
+Flower 1.42 moves a message as a tree of *inflatable objects* (Message -> RecordDict ->
 records -> Arrays -> ArrayChunks), each deflated to bytes; a receiver pulls each distinct object
 of a message once. The size of a message on the wire is therefore the sum of the deflated sizes
 of the distinct objects in its tree. :class:`WireAccounting` wraps any strategy and counts every

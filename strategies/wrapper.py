@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from fedprune.checkpoint import nested, prefixed
 
 FLOWER_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
-"""Attributes in which Flower 1.41's strategies keep state across rounds: the server model and
+"""Attributes in which Flower 1.42's strategies keep state across rounds: the server model and
 momentum of FedAvgM, the moments of FedAdam/FedYogi/FedAdagrad (FedOpt)."""
 
 

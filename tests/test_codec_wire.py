@@ -1,4 +1,4 @@
-"""codec.wire_size against Flower 1.41's real serialization (the one codec test importing flwr).
+"""codec.wire_size against Flower 1.42's real serialization (the one codec test importing flwr).
 
 Findings pinned here: ``ArrayRecord`` does not accept a ``dict[str, np.ndarray]`` (only
 ``dict[str, Array]``, a list of ndarrays or a torch ``state_dict``), so a payload is wrapped as
