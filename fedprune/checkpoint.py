@@ -126,19 +126,6 @@ def prefixed(prefix: str, state: Mapping[str, Any]) -> dict[str, Any]:
     return {f"{prefix}/{k}": v for k, v in state.items()}
 
 
-def generator_state(rng: np.random.Generator) -> dict[str, Any]:
-    """Return the JSON-serializable state of a numpy generator."""
-    return dict(rng.bit_generator.state)
-
-
-def set_generator_state(rng: np.random.Generator, state: Mapping[str, Any]) -> None:
-    """Restore a state from :func:`generator_state` into ``rng`` (same bit generator)."""
-    expected = type(rng.bit_generator).__name__
-    if state.get("bit_generator") != expected:
-        raise ValueError(f"RNG state is for {state.get('bit_generator')!r}, not {expected!r}")
-    rng.bit_generator.state = dict(state)
-
-
 def save_round_state(directory: str | Path, server_round: int, state: Mapping[str, Any]) -> None:
     """Write a node's state after ``server_round`` and keep only its newest states."""
     directory = Path(directory)

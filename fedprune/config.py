@@ -58,6 +58,11 @@ class RunConfig:
     server_momentum: float = 0.9
     proximal_mu: float = 0.01
     clip_update_norm: float = 0.0
+    # Reply bounds (see strategies/validation.py): a reply weighs at most max-examples-ratio
+    # times the round's lower-median example count; an update's norm is clipped to
+    # max-norm-ratio times the round's lower-median update norm. 0 turns a bound off.
+    max_examples_ratio: float = 4.0
+    max_norm_ratio: float = 3.0
     # Data and model
     dataset: DatasetName = "digits"
     model: ModelName = "mlp"
@@ -176,6 +181,9 @@ class RunConfig:
         _check(0.0 <= self.server_momentum < 1.0, "server-momentum", "must be in [0, 1)")
         _check(self.proximal_mu >= 0.0, "proximal-mu", "must be >= 0")
         _check(self.clip_update_norm >= 0.0, "clip-update-norm", "must be >= 0 (0 = off)")
+        for name in ("max_examples_ratio", "max_norm_ratio"):
+            ratio = getattr(self, name)
+            _check(ratio == 0.0 or 1.0 <= ratio < math.inf, _key(name), "must be 0 (off) or >= 1")
         _check(0.0 < self.target_density <= 1.0, "target-density", "must be in (0, 1]")
         _check(
             self.target_density <= self.initial_density <= 1.0,

@@ -14,8 +14,6 @@ CONFIG: Final = "config"
 """ConfigRecord: per-round instructions from the server."""
 METRICS: Final = "metrics"
 """MetricRecord: a client's reply metrics."""
-GLOBAL_MASK: Final = "global-mask"
-"""ArrayRecord of bool arrays (server-internal, before encoding): the global pruning mask."""
 MASK_VOTE: Final = "mask-vote"
 """ArrayRecord: a client's proposed mask (bool) or scores (float32) for reconciliation."""
 

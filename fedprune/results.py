@@ -14,7 +14,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-ROUND_COLUMNS = ("round", "accuracy", "loss", "bytes_up", "bytes_down", "density", "epsilon")
+ROUND_COLUMNS = (
+    "round",
+    "accuracy",
+    "loss",
+    "bytes_up",
+    "bytes_down",
+    "density",
+    "epsilon",
+    "num_failed",
+    "num_rejected",
+    "num_bounded",
+    "rejected",
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,12 @@ class RoundRecord:
     density: float
     epsilon: float | None
     wall_s: float
+    num_failed: int = 0
+    """Error replies (a client that raised, a node that went away)."""
+    rejections: tuple[str, ...] = ()
+    """Why each rejected reply was rejected ("node N: reason")."""
+    bounded: tuple[str, ...] = ()
+    """Which accepted replies the bounds lowered (example weight, update norm)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +68,10 @@ class RunSummary:
     compact_accuracy: float
     round_wall_s: list[float]
     config: dict[str, Any]
+    num_failed: int = 0
+    num_rejected: int = 0
+    rejections: dict[str, list[str]] | None = None
+    """Per round (as a string key) with any rejection: the reasons."""
 
     @property
     def bytes_total(self) -> int:
@@ -86,6 +108,9 @@ def summarize(
         compact_accuracy=compact_accuracy,
         round_wall_s=[r.wall_s for r in records],
         config=config,
+        num_failed=sum(r.num_failed for r in records),
+        num_rejected=sum(len(r.rejections) for r in records),
+        rejections={str(r.round): list(r.rejections) for r in records if r.rejections},
     )
 
 
@@ -105,6 +130,10 @@ def write_run(directory: Path, records: Sequence[RoundRecord], summary: RunSumma
                     r.bytes_down,
                     f"{r.density:.6f}",
                     "" if r.epsilon is None else f"{r.epsilon:.6f}",
+                    r.num_failed,
+                    len(r.rejections),
+                    len(r.bounded),
+                    " | ".join(r.rejections),
                 ]
             )
     body = asdict(summary) | {"bytes_total": summary.bytes_total}

@@ -35,20 +35,29 @@ def object_tree_bytes(obj: InflatableObject) -> int:
 def message_wire_bytes(messages: Iterable[Message]) -> int:
     """Return the bytes that ``messages`` occupy on the wire, one receiver per message.
 
-    Messages that share one content object (a broadcast of the same global model) are each
-    counted in full, because each destination node pulls the whole tree; the deflation of a
-    shared content tree is computed only once.
+    Each message is counted in full (each destination node pulls its whole tree: the Message,
+    its RecordDict, and the distinct objects of every record). A record shared by several
+    messages (one encoded payload broadcast to many nodes) is deflated and sized once: its
+    objects' sizes are cached by the record's identity.
     """
     total = 0
-    content_bytes: dict[int, int] = {}
+    record_objects: dict[int, dict[str, int]] = {}
     for message in messages:
-        own = len(message.deflate())
-        if message.has_content():
-            key = id(message.content)
-            if key not in content_bytes:
-                content_bytes[key] = object_tree_bytes(message.content)
-            own += content_bytes[key]
-        total += own
+        total += len(message.deflate())
+        if not message.has_content():
+            continue
+        content = message.content
+        total += len(content.deflate())
+        objects: dict[str, int] = {}
+        for record in content.values():
+            key = id(record)
+            if key not in record_objects:
+                record_objects[key] = {
+                    object_id: len(o.deflate())
+                    for object_id, o in get_all_nested_objects(record).items()
+                }
+            objects.update(record_objects[key])
+        total += sum(objects.values())
     return total
 
 

@@ -2,10 +2,8 @@
 
 The composition, outermost first::
 
-    WireAccounting(CompressedPayload(ReplyValidation(MaskReconciliation(inner))))  # "compressed"
-    WireAccounting(ReplyValidation(inner))                                         # "fedavg"
-
-where ``inner`` is wrapped in :class:`UpdateClipping` when ``clip-update-norm > 0``.
+    WireAccounting(FedPrune(inner, codec, mask policy, reply limits))  # "compressed"
+    WireAccounting(FedPrune(inner, reply limits))                      # "fedavg": float32 both ways
 
 ``inner`` is any Message-API strategy from ``flwr.serverapp.strategy`` (FedAvg, FedAvgM, FedAdam,
 FedProx, FedMedian, FedTrimmedAvg, Krum). It only ever sees float32 weights.
@@ -34,11 +32,10 @@ from fedprune import keys
 from fedprune.config import RunConfig
 from fedprune.masks import ReconcileConfig
 from strategies.accounting import WireAccounting
-from strategies.clipping import UpdateClipping
-from strategies.masking import DensitySchedule, MaskReconciliation
-from strategies.payload import CompressedPayload
+from strategies.masking import DensitySchedule, MaskPolicy
 from strategies.records import scalar
-from strategies.validation import ReplyLimits, ReplyValidation
+from strategies.strategy import FedPrune
+from strategies.validation import ReplyLimits
 
 
 def aggregate_train_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -94,11 +91,11 @@ def build_inner(cfg: RunConfig) -> Strategy:
 
 @dataclass
 class BuiltStrategy:
-    """The strategy to start, with handles on the wrappers the results writer reads."""
+    """The strategy to start, with handles on the parts the results writer reads."""
 
     strategy: WireAccounting
-    payload: CompressedPayload | None
-    masking: MaskReconciliation | None
+    fedprune: FedPrune
+    masking: MaskPolicy | None
 
 
 def build_strategy(cfg: RunConfig, *, prunable: Sequence[str]) -> BuiltStrategy:
@@ -111,16 +108,18 @@ def build_strategy(cfg: RunConfig, *, prunable: Sequence[str]) -> BuiltStrategy:
     prunable : Sequence[str]
         Names of the model's prunable tensors (Linear/Conv weights).
     """
-    inner = build_inner(cfg)
-    if cfg.clip_update_norm > 0:
-        inner = UpdateClipping(inner, cfg.clip_update_norm)
-    limits = ReplyLimits(min_replies=cfg.min_train_nodes)
+    limits = ReplyLimits(
+        min_replies=cfg.min_train_nodes,
+        examples_ratio=cfg.max_examples_ratio,
+        norm_ratio=cfg.max_norm_ratio,
+        max_update_norm=cfg.clip_update_norm,
+    )
     if not cfg.compressed:
-        return BuiltStrategy(WireAccounting(ReplyValidation(inner, limits)), None, None)
-    masking: MaskReconciliation | None = None
+        fedprune = FedPrune(build_inner(cfg), limits=limits)
+        return BuiltStrategy(WireAccounting(fedprune), fedprune, None)
+    masking: MaskPolicy | None = None
     if cfg.target_density < 1.0:
-        masking = MaskReconciliation(
-            inner,
+        masking = MaskPolicy(
             prunable,
             DensitySchedule(
                 initial=cfg.initial_density,
@@ -131,11 +130,12 @@ def build_strategy(cfg: RunConfig, *, prunable: Sequence[str]) -> BuiltStrategy:
             ReconcileConfig(rule=cfg.reconcile_rule, threshold=cfg.vote_threshold),
             server_scores=cfg.prune_method == "magnitude",
         )
-        inner = masking
-    payload = CompressedPayload(
-        ReplyValidation(inner, limits),
-        cfg.codec(),
+    fedprune = FedPrune(
+        build_inner(cfg),
+        limits=limits,
+        codec_config=cfg.codec(),
         update_codec=cfg.update_codec(),
         delta_downlink=cfg.delta_downlink,
+        masking=masking,
     )
-    return BuiltStrategy(WireAccounting(payload), payload, masking)
+    return BuiltStrategy(WireAccounting(fedprune), fedprune, masking)

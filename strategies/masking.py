@@ -1,35 +1,31 @@
 """Reconcile the clients' pruning masks into one global mask and enforce it.
 
-:class:`MaskReconciliation` works on decoded float32 replies (it sits *inside*
-:class:`~strategies.payload.CompressedPayload`). Each round it
+:class:`MaskPolicy` is the server's pruning state and rules, used by
+:class:`~strategies.strategy.FedPrune` at fixed points of each round:
 
-1. computes the scheduled density (Zhu & Gupta polynomial schedule) and, when that is below the
-   current global density, asks the clients for a vote (a mask, or their scores for top-k);
-2. attaches the current global mask to the outgoing messages (the payload wrapper encodes under
-   it and decides per node whether the mask bits must travel);
-3. after the inner strategy aggregated, reconciles the votes into a new global mask (monotone:
-   never outside the old one), bumps the mask version, and zeroes the pruned entries of the
-   aggregated model.
+1. :meth:`MaskPolicy.begin_round` computes the scheduled density (Zhu & Gupta polynomial
+   schedule) and, when that is below the current global density, says what vote to ask the
+   clients for (a mask, or their scores for top-k);
+2. :meth:`MaskPolicy.vote_of` takes each accepted reply's vote (or scores the client's decoded
+   model by magnitude, server-side);
+3. :meth:`MaskPolicy.update` reconciles the votes into a new global mask (monotone: never
+   outside the old one) and bumps the mask version; :meth:`MaskPolicy.enforce` zeroes the
+   pruned entries of the aggregated model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedprune import keys
 from fedprune.masks import ReconcileConfig, mask_density, reconcile
 from fedprune.pruning import polynomial_density
-from strategies.records import from_record, scalar, to_record
-from strategies.wrapper import StrategyWrapper
+from strategies.replies import TrainReply
 
 
 @dataclass(frozen=True)
@@ -52,13 +48,11 @@ class DensitySchedule:
         )
 
 
-class MaskReconciliation(StrategyWrapper):
+class MaskPolicy:
     """Keep a global pruning mask, reconcile client votes into it, enforce it.
 
     Parameters
     ----------
-    strategy : Strategy
-        The aggregating strategy; it sees replies without their mask votes.
     prunable : Sequence[str]
         Names of the prunable tensors (Linear/Conv weights).
     schedule : DensitySchedule
@@ -66,29 +60,26 @@ class MaskReconciliation(StrategyWrapper):
     reconcile_config : ReconcileConfig
         Rule and threshold; its density is replaced by the scheduled density each round.
     server_scores : bool
-        Magnitude pruning: score each client by |w| of the model it sent (already decoded here)
-        instead of asking it to upload scores or a mask — the same ranking, for no bytes.
-        Sensitivity scores need the client's data, so they are uploaded as votes.
+        Magnitude pruning: score each client by |w| of the model it sent (already decoded
+        here) instead of asking it to upload scores or a mask — the same ranking, for no
+        bytes. Sensitivity scores need the client's data, so they are uploaded as votes.
     """
 
     def __init__(
         self,
-        strategy: Strategy,
         prunable: Sequence[str],
         schedule: DensitySchedule,
         reconcile_config: ReconcileConfig,
         *,
         server_scores: bool = False,
     ) -> None:
-        super().__init__(strategy)
         self.prunable = list(prunable)
         self.schedule = schedule
         self.reconcile_config = reconcile_config
         self.server_scores = server_scores
         self.mask: dict[str, np.ndarray] | None = None
         self.version = 0
-        self._round_density: dict[int, float] = {}
-        self._prunes: set[int] = set()
+        self._density = 1.0
 
     @property
     def vote_kind(self) -> str:
@@ -98,133 +89,89 @@ class MaskReconciliation(StrategyWrapper):
     @property
     def density(self) -> float:
         """Density of the current global mask (1.0 before any pruning)."""
-        return 1.0 if self.mask is None else mask_density(self.mask)
+        return self._density
 
-    def _initial_mask(self, arrays: ArrayRecord) -> None:
-        """Magnitude top-k mask of the initial model at the initial density (all ones at 1.0)."""
-        weights = from_record(arrays)
-        scores = {name: np.abs(weights[name]) for name in self.prunable}
-        config = ReconcileConfig(rule="topk", density=self.schedule.initial)
-        self.mask = reconcile([scores], [1.0], config)
-        self.version = 1
+    def _set_mask(self, mask: dict[str, np.ndarray] | None) -> None:
+        self.mask = mask
+        self._density = 1.0 if mask is None else mask_density(mask)
 
-    def _attach(self, server_round: int, messages: Iterable[Message], vote: str) -> list[Message]:
-        out = list(messages)
-        if self.mask is not None:
-            record = to_record(self.mask)
-            for message in out:
-                message.content[keys.GLOBAL_MASK] = record
-        density = self._round_density.get(server_round)
-        if density is None:
-            density = self.density  # a pass over the whole mask: once, not per message
-        for message in out:
-            config = message.content.config_records.get(keys.CONFIG)
-            if config is not None:
-                config[keys.DENSITY] = density
-                config[keys.VOTE] = vote
-                config[keys.MASK_VERSION] = self.version
-        return out
+    def begin_round(
+        self, server_round: int, weights: Mapping[str, np.ndarray]
+    ) -> tuple[float, bool]:
+        """Return (this round's scheduled density, whether the round prunes).
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Schedule this round's density, ask for votes when it drops, attach the mask."""
+        The first call sets the initial mask: magnitude top-k of ``weights`` at the initial
+        density (all ones at 1.0).
+        """
         if self.mask is None:
-            self._initial_mask(arrays)
+            scores = {name: np.abs(weights[name]) for name in self.prunable}
+            config = ReconcileConfig(rule="topk", density=self.schedule.initial)
+            self._set_mask(reconcile([scores], [1.0], config))
+            self.version = 1
         target = self.schedule(server_round)
-        prunes = target < self.density - 1e-12
-        vote = self.vote_kind if prunes and not self.server_scores else "none"
-        self._round_density[server_round] = target
-        if prunes:
-            self._prunes.add(server_round)
-        messages = self.strategy.configure_train(server_round, arrays, config, grid)
-        return self._attach(server_round, messages, vote)
+        return target, target < self.density - 1e-12
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Attach the global mask to evaluation messages (no votes)."""
-        messages = self.strategy.configure_evaluate(server_round, arrays, config, grid)
-        return self._attach(server_round, messages, "none")
+    def vote_request(self, prunes: bool) -> str:
+        """Return the vote a round's train replies must carry: 'none', 'mask' or 'scores'."""
+        return self.vote_kind if prunes and not self.server_scores else "none"
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate with the inner strategy, reconcile the votes, enforce the mask."""
-        got = list(replies)
-        density = self._round_density.get(server_round, self.density)
-        votes, weights = self._collect_votes(server_round, got, density)
-        arrays, metrics = self.strategy.aggregate_train(server_round, got)
-        if arrays is not None and votes:
-            config = ReconcileConfig(
-                rule=self.reconcile_config.rule,
-                threshold=self.reconcile_config.threshold,
-                density=density,
-            )
-            self.mask = reconcile(votes, weights, config, prior=self.mask)
-            self.version += 1
-            log(
-                INFO,
-                "round %d: global mask v%d at density %.4f",
-                server_round,
-                self.version,
-                self.density,
-            )
-        if arrays is not None and self.mask is not None:
-            arrays = self._enforce(arrays)
-        metrics = MetricRecord() if metrics is None else metrics
-        metrics[keys.DENSITY] = self.density
-        return arrays, metrics
+    def vote_of(
+        self, reply: TrainReply, weights: Mapping[str, np.ndarray], density: float
+    ) -> dict[str, np.ndarray]:
+        """Return ``reply``'s vote: the one it sent, or the magnitude scores of its model."""
+        if reply.vote is not None:
+            return reply.vote
+        vote = {name: np.abs(weights[name] + reply.update[name]) for name in self.prunable}
+        if self.reconcile_config.rule != "topk":  # the client's own top-k mask
+            own = ReconcileConfig(rule="topk", density=density)
+            vote = reconcile([vote], [1.0], own, prior=self.mask)
+        return vote
 
-    def _collect_votes(
-        self, server_round: int, replies: list[Message], density: float
-    ) -> tuple[list[dict[str, np.ndarray]], list[float]]:
-        """Take the clients' votes out of the replies (or score their models, server-side)."""
-        votes: list[dict[str, np.ndarray]] = []
-        weights: list[float] = []
-        for reply in replies:
-            content = reply.content
-            if reply.has_error():
-                continue
-            if keys.MASK_VOTE in content.array_records:
-                vote = from_record(content.array_records[keys.MASK_VOTE])
-                del content[keys.MASK_VOTE]
-            elif self.server_scores and server_round in self._prunes:
-                model = from_record(content.array_records[keys.ARRAYS])
-                vote = {name: np.abs(model[name]) for name in self.prunable}
-                if self.reconcile_config.rule != "topk":  # the client's own top-k mask
-                    own = ReconcileConfig(rule="topk", density=density)
-                    vote = reconcile([vote], [1.0], own, prior=self.mask)
-            else:
-                continue
-            votes.append(vote)
-            metrics = content.metric_records.get(keys.METRICS, MetricRecord())
-            weights.append(scalar(metrics, keys.NUM_EXAMPLES, float))
-        return votes, weights
+    def update(
+        self,
+        server_round: int,
+        votes: Sequence[Mapping[str, np.ndarray]],
+        weights: Sequence[float],
+        density: float,
+    ) -> None:
+        """Reconcile ``votes`` (example-weighted) into the new global mask at ``density``."""
+        config = ReconcileConfig(
+            rule=self.reconcile_config.rule,
+            threshold=self.reconcile_config.threshold,
+            density=density,
+        )
+        self._set_mask(reconcile(list(votes), list(weights), config, prior=self.mask))
+        self.version += 1
+        log(
+            INFO,
+            "round %d: global mask v%d at density %.4f",
+            server_round,
+            self.version,
+            self.density,
+        )
 
-    def _enforce(self, arrays: ArrayRecord) -> ArrayRecord:
-        """Zero the entries of ``arrays`` that the global mask prunes."""
-        assert self.mask is not None
-        weights = from_record(arrays)
-        for name, keep in self.mask.items():
-            weights[name] = np.where(keep, weights[name], np.float32(0.0)).astype(np.float32)
-        return to_record(weights)
+    def enforce(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Zero, in place, the entries of ``weights`` that the global mask prunes."""
+        if self.mask is not None:
+            for name, keep in self.mask.items():
+                weights[name] = np.where(keep, weights[name], np.float32(0.0)).astype(np.float32)
+        return weights
 
-    def own_state(self) -> dict[str, Any]:
-        """Return the global mask and its version."""
+    def state(self) -> dict[str, Any]:
+        """Return the global mask and its version (a checkpoint state)."""
         state: dict[str, Any] = {"version": self.version, "names": None}
         if self.mask is not None:
             state["names"] = list(self.mask)
             state.update({f"mask/{k}": m for k, m in self.mask.items()})
         return state
 
-    def load_own_state(self, state: Mapping[str, Any]) -> None:
-        """Restore the global mask and its version."""
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
         self.version = int(state["version"])
         names = state["names"]
-        self.mask = None if names is None else {k: state[f"mask/{k}"].astype(bool) for k in names}
+        self._set_mask(
+            None if names is None else {k: state[f"mask/{k}"].astype(bool) for k in names}
+        )
 
-    def summary(self) -> None:
-        """Log the schedule and rule, then the inner strategy."""
-        log(INFO, "\t├──> Mask reconciliation: %s, %s", self.schedule, self.reconcile_config)
-        self.strategy.summary()
+    def __repr__(self) -> str:
+        return f"MaskPolicy({self.schedule}, {self.reconcile_config})"

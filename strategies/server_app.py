@@ -129,6 +129,9 @@ def run(
                 density=scalar(train_metrics, keys.DENSITY, float, global_density),
                 epsilon=None if epsilon < 0 else epsilon,
                 wall_s=traffic.wall_s,
+                num_failed=traffic.failures,
+                rejections=tuple(built.fedprune.rejected.get(server_round, ())),
+                bounded=tuple(built.fedprune.bounded.get(server_round, ())),
             )
         )
         if cfg.checkpoint:
@@ -219,7 +222,10 @@ def _resume(
             f"{cfg.num_server_rounds}"
         )
     load_strategy_state(strategy, nested(state, "strategy"))
-    records = [RoundRecord(**r) for r in state["records"]]
+    records = [
+        RoundRecord(**{**r, "rejections": tuple(r["rejections"]), "bounded": tuple(r["bounded"])})
+        for r in state["records"]
+    ]
     log(INFO, "resume: continuing after round %d from %s", done, path)
     return to_record(nested(state, "model")), records, done, float(state["wall-s"])
 

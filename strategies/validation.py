@@ -1,164 +1,108 @@
-"""Validate every reply before it is aggregated; skip a round rather than poison the model.
+"""Bounds on what one client can do to the aggregate, applied to replies already read.
 
-Flower's stock aggregation averages whatever arrives: NaN, wrong shapes, absurd example counts.
-:class:`ReplyValidation` sits directly outside the aggregating strategy (inside the payload
-codec, so it sees decoded float32 models) and
+A reply that passed :mod:`strategies.replies` is well-formed, but a well-formed reply can still
+take over the model: by claiming a huge example count (FedAvg weighs it by that count) or by
+sending a huge update. The server cannot verify either, so it bounds both against the round's
+own replies, by default:
 
-- drops a reply whose arrays do not match the global model (keys, shapes, float32 dtype) or are
-  not finite, whose ``num-examples`` is not a positive integer under a cap, that claims another
-  round, or that repeats a node already heard from this round — logging the reason and counting
-  it in the round's ``num-rejected``;
-- skips the round (the global model stays as it was) when fewer than ``min_replies`` valid
-  replies remain, or when the aggregate is not finite.
+- **example count**: a reply's weight is at most ``examples_ratio`` times the round's (lower)
+  median claim. A client claiming ten million examples weighs like ``examples_ratio`` typical
+  clients, not like the whole federation;
+- **update norm**: an update whose L2 norm exceeds ``norm_ratio`` times the round's (lower)
+  median update norm is scaled down to that norm (and to ``max_update_norm``, a fixed bound,
+  when set). A ×10⁶ update moves the model like ``norm_ratio`` typical ones.
+
+The *lower* median is used so that with two replies the bound is the smaller one's: one
+honest client of two still bounds the other. Both bounds clip rather than reject: an honest
+client that is merely larger than the rest loses some weight, not its whole contribution.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
-from flwr.supercore import log
 
-from fedprune import keys
-from strategies.records import from_record, scalar
-from strategies.wrapper import StrategyWrapper, load_strategy_state, strategy_state
+from strategies.replies import TrainReply
 
 
 @dataclass(frozen=True)
 class ReplyLimits:
-    """What a valid reply may claim."""
-
-    min_replies: int = 1
-    """Fewer valid replies than this and the round is skipped."""
-    max_num_examples: int = 10_000_000
-    """An upper bound on ``num-examples`` (a client claiming more would dominate the average)."""
-
-
-class ReplyValidation(StrategyWrapper):
-    """Drop invalid replies before the inner strategy aggregates; never accept a NaN model.
+    """What a valid reply may claim, and how far one reply may move the aggregate.
 
     Parameters
     ----------
-    strategy : Strategy
-        The aggregating strategy.
-    limits : ReplyLimits
-        Bounds a reply must respect.
+    min_replies : int
+        Fewer valid replies than this and the round is skipped (the model stays).
+    max_num_examples : int
+        A hard cap on ``num-examples``; a reply claiming more is rejected.
+    examples_ratio : float
+        A reply's weight is at most this multiple of the round's lower-median claim
+        (``0``: no bound).
+    norm_ratio : float
+        An update's L2 norm is clipped to this multiple of the round's lower-median update
+        norm (``0``: no bound).
+    max_update_norm : float
+        A fixed bound on every update's L2 norm (``0``: none), as ``clip-update-norm``.
     """
 
-    def __init__(self, strategy: Strategy, limits: ReplyLimits) -> None:
-        super().__init__(strategy)
-        self.limits = limits
-        self._global: dict[str, np.ndarray] = {}
-        self.rejected: dict[int, list[str]] = {}
+    min_replies: int = 1
+    max_num_examples: int = 10_000_000
+    examples_ratio: float = 4.0
+    norm_ratio: float = 3.0
+    max_update_norm: float = 0.0
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Remember the global model the replies must match, then configure as the inner."""
-        self._global = from_record(arrays)
-        return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def check(self, server_round: int, reply: Message) -> None:
-        """Raise ``ValueError`` naming the first problem of ``reply``, if any."""
-        content = reply.content
-        if keys.ARRAYS not in content.array_records:
-            raise ValueError(f"no '{keys.ARRAYS}' ArrayRecord")
-        if keys.METRICS not in content.metric_records:
-            raise ValueError(f"no '{keys.METRICS}' MetricRecord")
-        metrics = content.metric_records[keys.METRICS]
-        num_examples = scalar(metrics, keys.NUM_EXAMPLES, int)
-        if not 0 < num_examples <= self.limits.max_num_examples:
-            raise ValueError(
-                f"'{keys.NUM_EXAMPLES}'={num_examples} not in [1, {self.limits.max_num_examples}]"
-            )
-        if keys.EPSILON in metrics:
-            epsilon = scalar(metrics, keys.EPSILON, float)
-            if not (math.isfinite(epsilon) and epsilon >= 0.0):
-                raise ValueError(f"'{keys.EPSILON}'={epsilon} is not a finite number >= 0")
-        claimed = scalar(metrics, keys.SERVER_ROUND, int, server_round)
-        if claimed != server_round:
-            raise ValueError(f"stale reply: it claims round {claimed}, this is {server_round}")
-        record = content.array_records[keys.ARRAYS]
-        if list(record.keys()) != list(self._global):
-            raise ValueError(f"arrays {list(record.keys())} differ from the model's")
-        for name, array in record.items():
-            expected = self._global[name]
-            if tuple(array.shape) != expected.shape or array.dtype != str(expected.dtype):
-                raise ValueError(
-                    f"'{name}' is {array.dtype}{list(array.shape)}, "
-                    f"expected {expected.dtype}{list(expected.shape)}"
-                )
-            if not np.isfinite(array.numpy()).all():
-                raise ValueError(f"'{name}' has non-finite values")
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the valid replies, or skip the round if too few remain."""
-        valid: list[Message] = []
-        seen: set[int] = set()
-        reasons: list[str] = []
-        for reply in replies:
-            if reply.has_error():
-                valid.append(reply)  # the inner strategy logs and ignores error replies
-                continue
-            node = reply.metadata.src_node_id
-            try:
-                if node in seen:
-                    raise ValueError("duplicate reply from the same node")
-                self.check(server_round, reply)
-            except ValueError as err:
-                reasons.append(f"node {node}: {err}")
-                log(WARNING, "round %d: rejected reply from node %d: %s", server_round, node, err)
-                continue
-            seen.add(node)
-            valid.append(reply)
-        self.rejected[server_round] = reasons
-        if len(seen) < self.limits.min_replies:
-            log(
-                WARNING,
-                "round %d skipped: %d valid replies, %d needed; the global model is unchanged",
-                server_round,
-                len(seen),
-                self.limits.min_replies,
-            )
-            return None, _skipped(valid, len(reasons))
-        # Stateful inner strategies (FedAvgM's momentum, FedAdam's moments, the mask) update
-        # while they aggregate: a skipped round must leave them as they were.
-        before = strategy_state(self.strategy)
-        arrays, metrics = self.strategy.aggregate_train(server_round, valid)
-        metrics = MetricRecord() if metrics is None else metrics
-        metrics[keys.NUM_REJECTED] = len(reasons)
-        if arrays is not None and not all(np.isfinite(a.numpy()).all() for a in arrays.values()):
-            log(WARNING, "round %d skipped: the aggregate is not finite", server_round)
-            load_strategy_state(self.strategy, before)
-            return None, _skipped(valid, len(reasons))
-        log(INFO, "round %d: %d valid replies, %d rejected", server_round, len(seen), len(reasons))
-        return arrays, metrics
-
-    def summary(self) -> None:
-        """Log the limits and the inner strategy."""
-        log(INFO, "\t├──> Reply validation: %s", self.limits)
-        self.strategy.summary()
+    def __post_init__(self) -> None:
+        for name in ("examples_ratio", "norm_ratio", "max_update_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("examples_ratio", "norm_ratio"):
+            value = getattr(self, name)
+            if 0 < value < 1:
+                raise ValueError(f"{name} must be 0 (off) or >= 1, got {value!r}")
 
 
-def _skipped(valid: list[Message], rejected: int) -> MetricRecord:
-    """Metrics of a skipped round: the rejections, and the largest ε the valid replies report.
+def lower_median(values: Sequence[float]) -> float:
+    """Return the lower median of ``values`` (the smaller middle value for an even count)."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
 
-    The clients trained (and spent privacy budget) even though their round was skipped.
+
+def bound_examples(replies: Sequence[TrainReply], ratio: float) -> list[str]:
+    """Lower each reply's weight to ``ratio`` times the lower-median claim; say whose."""
+    if ratio <= 0 or not replies:
+        return []
+    cap = ratio * lower_median([r.num_examples for r in replies])
+    notes = []
+    for reply in replies:
+        if reply.num_examples > cap:
+            reply.weight = cap
+            notes.append(f"node {reply.node}: num-examples {reply.num_examples} weighed as {cap:g}")
+    return notes
+
+
+def bound_updates(replies: Sequence[TrainReply], ratio: float, max_norm: float) -> list[str]:
+    """Scale each update whose norm exceeds the round's bound down to it; say whose.
+
+    The bound is ``ratio`` times the lower-median norm (if ``ratio > 0``), and at most
+    ``max_norm`` (if ``max_norm > 0``).
     """
-    metrics = MetricRecord({keys.NUM_REJECTED: rejected})
-    epsilons = [
-        scalar(reply.content.metric_records[keys.METRICS], keys.EPSILON, float)
-        for reply in valid
-        if not reply.has_error() and keys.EPSILON in reply.content.metric_records[keys.METRICS]
-    ]
-    if epsilons:
-        metrics[keys.EPSILON] = max(epsilons)
-    return metrics
+    if not replies or (ratio <= 0 and max_norm <= 0):
+        return []
+    norms = [r.norm() for r in replies]
+    bound = math.inf
+    if ratio > 0:
+        bound = ratio * lower_median(norms)
+    if max_norm > 0:
+        bound = min(bound, max_norm)
+    notes = []
+    for reply, norm in zip(replies, norms, strict=True):
+        if norm > bound:
+            factor = np.float32(bound / norm)
+            for name, u in reply.update.items():
+                reply.update[name] = u * factor
+            notes.append(f"node {reply.node}: update norm {norm:.4g} clipped to {bound:.4g}")
+    return notes

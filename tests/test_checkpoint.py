@@ -13,18 +13,18 @@ from hypothesis.extra import numpy as hnp
 
 from fedprune.checkpoint import (
     clear_round_states,
-    generator_state,
     load_round_state,
     load_state,
     nested,
     prefixed,
     save_round_state,
     save_state,
-    set_generator_state,
 )
+from fedprune.codec import CodecConfig
 from fedprune.config import ConfigError, RunConfig
 from fedprune.masks import ReconcileConfig
-from strategies.masking import DensitySchedule, MaskReconciliation
+from strategies.masking import DensitySchedule, MaskPolicy
+from strategies.strategy import FedPrune
 from strategies.wrapper import load_strategy_state, strategy_state
 
 names = st.text(alphabet="abcdefghij0123456789._-", min_size=1, max_size=12)
@@ -107,18 +107,6 @@ def test_node_keeps_its_two_newest_states_and_loads_the_newest_not_after_r(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_generator_state_round_trip_continues_the_same_stream(tmp_path: Path) -> None:
-    rng = np.random.default_rng(7)
-    rng.random(5)
-    save_state(tmp_path / "s.npz", {"rng": generator_state(rng)})
-    expected = rng.random(4)
-    restored = np.random.default_rng(0)
-    set_generator_state(restored, load_state(tmp_path / "s.npz")["rng"])
-    np.testing.assert_array_equal(restored.random(4), expected)
-    with pytest.raises(ValueError, match="MT19937"):
-        set_generator_state(np.random.Generator(np.random.MT19937(0)), generator_state(rng))
-
-
 def _record(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"0.weight": rng.standard_normal((3, 2)).astype(np.float32), "0.bias": np.ones(3)}
@@ -154,20 +142,23 @@ def test_flower_server_optimizer_state_round_trips_through_a_file(tmp_path: Path
 
 
 def test_wrapper_chain_state_keeps_the_mask_and_its_version(tmp_path: Path) -> None:
-    def chain() -> MaskReconciliation:
-        return MaskReconciliation(
-            FedAvg(), ["0.weight"], DensitySchedule(1.0, 0.5, 1, 3), ReconcileConfig()
-        )
+    def chain() -> FedPrune:
+        policy = MaskPolicy(["0.weight"], DensitySchedule(1.0, 0.5, 1, 3), ReconcileConfig())
+        return FedPrune(FedAvg(), codec_config=CodecConfig(), masking=policy)
 
-    masking = chain()
-    masking.mask = {"0.weight": np.array([[True, False], [False, True]])}
-    masking.version = 3
-    save_state(tmp_path / "s.npz", strategy_state(masking))
+    saved = chain()
+    assert saved.masking is not None
+    saved.masking.load_state(
+        {"version": 3, "names": ["0.weight"], "mask/0.weight": np.array([[1, 0], [0, 1]])}
+    )
+    save_state(tmp_path / "s.npz", strategy_state(saved))
     restored = chain()
     load_strategy_state(restored, load_state(tmp_path / "s.npz"))
-    assert restored.version == 3 and restored.mask is not None
-    assert restored.mask["0.weight"].dtype == np.bool_
-    np.testing.assert_array_equal(restored.mask["0.weight"], masking.mask["0.weight"])
+    masking = restored.masking
+    assert masking is not None and masking.version == 3 and masking.mask is not None
+    assert masking.mask["0.weight"].dtype == np.bool_
+    np.testing.assert_array_equal(masking.mask["0.weight"], [[True, False], [False, True]])
+    assert masking.density == 0.5
 
 
 def test_resume_accepts_only_more_rounds_and_the_flag() -> None:

@@ -22,10 +22,10 @@ from fedprune.distill import DistillPair, mutual_distillation_loss
 from fedprune.models import get_weights
 from fedprune.privacy import DPConfig, make_private, planned_total_steps
 from fedprune.results import RunSummary
+from simulations.grid import server_task_identity
 from simulations.simulate import backend_config
 from strategies.records import from_record, to_record
 from strategies.server_app import run as server_run
-from tests.support import server_task_identity
 
 torch.set_num_threads(1)
 

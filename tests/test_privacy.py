@@ -595,8 +595,8 @@ def test_the_client_reports_its_training_loss_only_without_dp(dp: bool, tmp_path
     from fedprune import keys
     from fedprune.config import RunConfig
     from fedprune.models import get_weights
+    from simulations.grid import server_task_identity
     from strategies.records import to_record
-    from tests.support import server_task_identity
 
     cfg = RunConfig(
         strategy="fedavg",

@@ -1,4 +1,4 @@
-"""The server wrappers on real Flower messages and a real inner FedAvg (no network needed)."""
+"""FedPrune on real Flower messages and a real inner FedAvg (no network needed)."""
 
 from collections.abc import Callable, Iterator
 
@@ -9,13 +9,27 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedprune import codec, keys
 from fedprune.masks import ReconcileConfig
+from simulations.grid import StaticGrid, server_task_identity
 from strategies.accounting import WireAccounting, message_wire_bytes, object_tree_bytes
-from strategies.masking import DensitySchedule, MaskReconciliation
-from strategies.payload import CompressedPayload
+from strategies.downlink import Downlink
+from strategies.masking import DensitySchedule, MaskPolicy
 from strategies.records import from_record, scalar, to_record
-from tests.support import StaticGrid, server_task_identity
+from strategies.state import RoundState
+from strategies.strategy import FedPrune
+from strategies.validation import ReplyLimits
 
 INT8 = codec.CodecConfig(quant="int8-channel")
+FLOAT = codec.CodecConfig(quant="none")
+UNBOUNDED = ReplyLimits(examples_ratio=0.0, norm_ratio=0.0)
+
+
+def compressed(inner: FedAvg, masking: MaskPolicy | None = None, **limits: int) -> FedPrune:
+    return FedPrune(
+        inner,
+        codec_config=INT8,
+        masking=masking,
+        limits=ReplyLimits(**limits, examples_ratio=0.0, norm_ratio=0.0),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -41,13 +55,15 @@ GLOBAL = {
 }
 
 
-def downlink(wrapper: CompressedPayload, nodes: list[int], **config: object) -> list[Message]:
-    config_record = ConfigRecord({keys.SERVER_ROUND: 1, **config})  # type: ignore[dict-item]
+def downlink(wrapper: FedPrune, nodes: list[int]) -> list[Message]:
+    sent = wrapper.configure_train(1, to_record(GLOBAL), ConfigRecord(), StaticGrid(nodes))
+    return sorted(sent, key=lambda m: m.metadata.dst_node_id)
+
+
+def train_messages(nodes: tuple[int, ...], server_round: int = 1) -> list[Message]:
+    config_record = ConfigRecord({keys.SERVER_ROUND: server_round})
     record = RecordDict({keys.ARRAYS: to_record(GLOBAL), keys.CONFIG: config_record})
-    messages = [
-        Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes
-    ]
-    return wrapper.encode_messages(messages, to_record(GLOBAL))
+    return [Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
 
 
 def reply(to: Message, delta: dict[str, np.ndarray], n: int) -> Message:
@@ -62,7 +78,7 @@ def reply(to: Message, delta: dict[str, np.ndarray], n: int) -> Message:
 
 def test_replies_are_decoded_and_reconstructed_before_averaging() -> None:
     inner = RecordingFedAvg()
-    wrapper = CompressedPayload(inner, INT8)
+    wrapper = compressed(inner)
     sent = downlink(wrapper, [11, 12])
     # One encoded, serialized payload for every node that gets the same variant.
     assert sent[0].content.array_records[keys.ARRAYS] is sent[1].content.array_records[keys.ARRAYS]
@@ -86,7 +102,7 @@ def test_replies_are_decoded_and_reconstructed_before_averaging() -> None:
 
 def test_a_malformed_reply_is_dropped_and_the_round_goes_on() -> None:
     inner = RecordingFedAvg()
-    wrapper = CompressedPayload(inner, INT8)
+    wrapper = compressed(inner)
     sent = downlink(wrapper, [11, 12])
     good = reply(sent[0], {"w": np.zeros((2, 3), np.float32), "b": np.ones(2, np.float32)}, 5)
     bad = reply(sent[1], {"w": np.zeros((2, 3), np.float32), "b": np.ones(2, np.float32)}, 5)
@@ -101,41 +117,17 @@ def test_a_malformed_reply_is_dropped_and_the_round_goes_on() -> None:
 
 
 def test_mask_bits_travel_only_to_nodes_without_the_current_version() -> None:
-    wrapper = CompressedPayload(RecordingFedAvg(), INT8)
+    encoder = Downlink(INT8)
     mask = {"w": np.array([[True, False, True], [False, True, False]])}
+    state = RoundState(1, GLOBAL, mask=mask, mask_version=1)
 
-    def round_messages(version: int) -> list[Message]:
-        config_record = ConfigRecord({keys.SERVER_ROUND: 1, keys.MASK_VERSION: version})
-        record = RecordDict(
-            {
-                keys.ARRAYS: to_record(GLOBAL),
-                keys.CONFIG: config_record,
-                keys.GLOBAL_MASK: to_record(mask),
-            }
-        )
-        messages = [
-            Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN) for n in (1, 2)
-        ]
-        return wrapper.encode_messages(messages, to_record(GLOBAL))
-
-    first = round_messages(version=1)
+    first = encoder.encode(train_messages((1, 2)), state)
     carried = [
         codec.payload_masks(from_record(m.content.array_records[keys.ARRAYS])) for m in first
     ]
     assert all(np.array_equal(c["w"], mask["w"]) for c in carried)
-    delta = {"w": np.where(mask["w"], 0.5, 0.0).astype(np.float32), "b": np.zeros(2, np.float32)}
-    only_node_1 = Message(
-        content=RecordDict(
-            {
-                keys.ARRAYS: to_record(codec.encode(delta, INT8, masks=mask, send_masks=False)),
-                keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 1}),
-            }
-        ),
-        reply_to=first[0],
-    )
-    arrays, _ = wrapper.aggregate_train(1, [only_node_1])
-    assert arrays is not None
-    second = round_messages(version=1)
+    encoder.delivered(1)  # only node 1 answered
+    second = encoder.encode(train_messages((1, 2)), state)
     payloads = [from_record(m.content.array_records[keys.ARRAYS]) for m in second]
     assert codec.payload_masks(payloads[0]) == {}  # node 1 holds v1
     assert np.array_equal(codec.payload_masks(payloads[1])["w"], mask["w"])  # node 2 does not
@@ -148,29 +140,29 @@ def test_mask_bits_travel_only_to_nodes_without_the_current_version() -> None:
 def test_mask_reconciliation_reaches_the_scheduled_density_and_zeroes_pruned_weights() -> None:
     rng = np.random.default_rng(3)
     weights = {"w": rng.normal(size=(8, 10)).astype(np.float32), "b": np.ones(8, np.float32)}
-    inner = FedAvg(min_available_nodes=2, min_train_nodes=2)
-    masking = MaskReconciliation(
-        inner,
+    masking = MaskPolicy(
         ["w"],
         DensitySchedule(initial=1.0, final=0.25, start_round=1, end_round=1),
         ReconcileConfig(rule="topk"),
     )
+    strategy = compressed(FedAvg(min_available_nodes=2, min_train_nodes=2), masking)
     messages = list(
-        masking.configure_train(1, to_record(weights), ConfigRecord(), StaticGrid([1, 2]))
+        strategy.configure_train(1, to_record(weights), ConfigRecord(), StaticGrid([1, 2]))
     )
     config = messages[0].content.config_records[keys.CONFIG]
     assert config[keys.VOTE] == "scores" and config[keys.DENSITY] == 0.25
+    zero = {k: np.zeros_like(v) for k, v in weights.items()}
     replies = []
     for message, n in zip(messages, (1, 3), strict=True):
         content = RecordDict(
             {
-                keys.ARRAYS: to_record(weights),
+                keys.ARRAYS: to_record(codec.encode(zero, FLOAT)),
                 keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n}),
-                keys.MASK_VOTE: to_record({"w": np.abs(weights["w"])}),
+                keys.MASK_VOTE: to_record(codec.encode({"w": np.abs(weights["w"])}, FLOAT)),
             }
         )
         replies.append(Message(content=content, reply_to=message))
-    arrays, metrics = masking.aggregate_train(1, replies)
+    arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics is not None and masking.mask is not None
     assert masking.mask["w"].sum() == 20  # exactly round(0.25 * 80)
     assert metrics[keys.DENSITY] == 0.25
@@ -183,7 +175,7 @@ def test_mask_reconciliation_reaches_the_scheduled_density_and_zeroes_pruned_wei
 
 
 def test_wire_accounting_counts_each_receiver_and_matches_flowers_serialization() -> None:
-    wrapper = CompressedPayload(RecordingFedAvg(), INT8)
+    wrapper = compressed(RecordingFedAvg())
     accounting = WireAccounting(wrapper)
     sent = downlink(wrapper, [1, 2, 3])
     one = object_tree_bytes(sent[0])
@@ -227,12 +219,7 @@ def test_delta_downlink_keeps_every_node_on_the_servers_reference() -> None:
     from fedprune.config import RunConfig
 
     cfg = RunConfig(update_topk=0.25, delta_downlink=True)
-    wrapper = CompressedPayload(
-        RecordingFedAvg(),
-        cfg.codec(),
-        update_codec=cfg.update_codec(),
-        delta_downlink=True,
-    )
+    encoder = Downlink(cfg.codec(), update_codec=cfg.update_codec(), delta_downlink=True)
     contexts = {n: Context(1, n, {}, RecordDict(), {}) for n in (1, 2)}
     rng = np.random.default_rng(5)
     global_model = {k: v.copy() for k, v in GLOBAL.items()}
@@ -244,25 +231,22 @@ def test_delta_downlink_keeps_every_node_on_the_servers_reference() -> None:
         messages = [
             Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes
         ]
-        sent = wrapper.encode_messages(messages, to_record(global_model))
+        sent = encoder.encode(messages, RoundState(server_round, global_model))
         kinds[server_round] = [
             m.content.config_records[keys.CONFIG][keys.PAYLOAD_KIND] for m in sent
         ]
-        replies = []
         for message, kind in zip(sent, kinds[server_round], strict=True):
             node = message.metadata.dst_node_id
             encoded = from_record(message.content.array_records[keys.ARRAYS])
             assert ("select" in encoded) == (kind == "delta")  # deltas are top-k sparsified
             start, _ = receive(message, contexts[node], cfg)
-            assert wrapper._ref is not None
+            assert encoder._ref is not None
             for name in start:
                 if node == 1:  # exact: delta receiver throughout (int8 image in round 1)
-                    np.testing.assert_array_equal(start[name], wrapper._ref[name])
+                    np.testing.assert_array_equal(start[name], encoder._ref[name])
                 else:  # within int8 rounding (half a step of the largest channel: 4/127/2)
-                    np.testing.assert_allclose(start[name], wrapper._ref[name], atol=0.016)
-            zero = {k: np.zeros_like(v) for k, v in start.items()}
-            replies.append(reply(message, zero, 1))
-        wrapper.aggregate_train(server_round, replies)
+                    np.testing.assert_allclose(start[name], encoder._ref[name], atol=0.016)
+            encoder.delivered(node)
         global_model = {
             k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in global_model.items()
         }
@@ -282,33 +266,37 @@ def test_magnitude_votes_are_computed_from_the_decoded_models_not_uploaded(rule:
         {"w": rng.normal(size=(6, 5)).astype(np.float32), "b": np.zeros(6, np.float32)}
         for _ in range(3)
     ]
-    masking = MaskReconciliation(
-        FedAvg(min_available_nodes=3, min_train_nodes=3),
+    masking = MaskPolicy(
         ["w"],
         DensitySchedule(initial=1.0, final=0.4, start_round=1, end_round=1),
         ReconcileConfig(rule=rule),  # type: ignore[arg-type]
         server_scores=True,
     )
-    sent = list(
-        masking.configure_train(1, to_record(models[0]), ConfigRecord(), StaticGrid([1, 2, 3]))
+    strategy = compressed(FedAvg(min_available_nodes=3, min_train_nodes=3), masking)
+    g = models[0]
+    sent = sorted(
+        strategy.configure_train(1, to_record(g), ConfigRecord(), StaticGrid([1, 2, 3])),
+        key=lambda m: m.metadata.dst_node_id,
     )
     assert all(m.content.config_records[keys.CONFIG][keys.VOTE] == "none" for m in sent)
     replies = [
         Message(
             content=RecordDict(
                 {
-                    keys.ARRAYS: to_record(model),
+                    keys.ARRAYS: to_record(codec.encode({k: m[k] - g[k] for k in g}, FLOAT)),
                     keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n}),
                 }
             ),
             reply_to=message,
         )
-        for message, model, n in zip(sent, models, (1, 1, 2), strict=True)
+        for message, m, n in zip(sent, models, (1, 1, 2), strict=True)
     ]
-    masking.aggregate_train(1, replies)
+    strategy.aggregate_train(1, replies)
     assert masking.mask is not None and masking.version == 2
     from fedprune.masks import reconcile
 
+    # What the server decoded: g + (m - g), in float32, as the client's model.
+    models = [{"w": g["w"] + (m["w"] - g["w"])} for m in models]
     own = [
         reconcile([{"w": np.abs(m["w"])}], [1.0], ReconcileConfig("topk", density=0.4))
         for m in models
@@ -321,7 +309,7 @@ def test_magnitude_votes_are_computed_from_the_decoded_models_not_uploaded(rule:
 
 def test_oversized_or_misshaped_payloads_are_rejected_before_decoding() -> None:
     inner = RecordingFedAvg()
-    wrapper = CompressedPayload(inner, INT8)
+    wrapper = compressed(inner)
     sent = downlink(wrapper, [1, 2, 3])
     good = reply(sent[0], {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}, 1)
     big = reply(sent[1], {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}, 1)
@@ -384,16 +372,14 @@ def test_a_bad_payload_or_vote_is_dropped_and_model_and_mask_equal_the_run_witho
     kind: str,
 ) -> None:
     """The compressed chain with a mask-vote round (majority of 0.5-density masks)."""
-    from strategies.validation import ReplyLimits, ReplyValidation
 
     def run(with_bad: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
-        masking = MaskReconciliation(
-            FedAvg(min_available_nodes=2, min_train_nodes=2),
+        masking = MaskPolicy(
             ["w"],
             DensitySchedule(initial=1.0, final=0.5, start_round=1, end_round=1),
             ReconcileConfig(rule="majority"),
         )
-        chain = CompressedPayload(ReplyValidation(masking, ReplyLimits(min_replies=2)), INT8)
+        chain = compressed(FedAvg(min_available_nodes=2, min_train_nodes=2), masking, min_replies=2)
         nodes = [1, 2, 3] if with_bad else [1, 2]
         sent = list(chain.configure_train(1, to_record(GLOBAL), ConfigRecord(), StaticGrid(nodes)))
         assert all(m.content.config_records[keys.CONFIG][keys.VOTE] == "mask" for m in sent)

@@ -1,4 +1,5 @@
-"""ReplyValidation: each bad input is dropped and the aggregate equals the run without it."""
+"""FedPrune's reply boundary and bounds: each bad input is dropped, the aggregate equals the run
+without it; an honest-looking reply cannot take over the model."""
 
 from collections.abc import Callable, Iterator
 
@@ -16,9 +17,10 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg
 
 from fedprune import keys
+from simulations.grid import StaticGrid, server_task_identity
 from strategies.records import from_record, to_record
-from strategies.validation import ReplyLimits, ReplyValidation
-from tests.support import StaticGrid, server_task_identity
+from strategies.strategy import FedPrune
+from strategies.validation import ReplyLimits
 
 GLOBAL = {
     "w": np.arange(6, dtype=np.float32).reshape(2, 3),
@@ -32,7 +34,7 @@ def _identity() -> Iterator[None]:
         yield
 
 
-def configure(strategy: ReplyValidation, nodes: list[int]) -> list[Message]:
+def configure(strategy: FedPrune, nodes: list[int]) -> list[Message]:
     return list(strategy.configure_train(1, to_record(GLOBAL), ConfigRecord(), StaticGrid(nodes)))
 
 
@@ -65,6 +67,11 @@ def without(record: str) -> Callable[[Message], None]:
     return edit
 
 
+def unbounded(**limits: int) -> ReplyLimits:
+    """Limits without the round-relative bounds (tested on their own below)."""
+    return ReplyLimits(**limits, examples_ratio=0.0, norm_ratio=0.0)
+
+
 NAN_W = GLOBAL["w"].copy()
 NAN_W[0, 0] = np.nan
 
@@ -92,7 +99,7 @@ BAD_INPUTS: dict[str, Callable[[Message], None]] = {
 @pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
 def test_a_bad_reply_is_dropped_and_the_model_equals_the_run_without_it(kind: str) -> None:
     def aggregate(with_bad: bool) -> tuple[dict[str, np.ndarray], MetricRecord]:
-        strategy = ReplyValidation(FedAvg(), ReplyLimits(min_replies=2))
+        strategy = FedPrune(FedAvg(), limits=unbounded(min_replies=2))
         sent = configure(strategy, [1, 2, 3])
         replies = [good(sent[0], 1.0, n=10), good(sent[1], 3.0, n=30)]
         if with_bad:
@@ -112,7 +119,7 @@ def test_a_bad_reply_is_dropped_and_the_model_equals_the_run_without_it(kind: st
 
 
 def test_a_duplicate_reply_from_one_node_counts_once() -> None:
-    strategy = ReplyValidation(FedAvg(), ReplyLimits(min_replies=1))
+    strategy = FedPrune(FedAvg(), limits=unbounded(min_replies=1))
     sent = configure(strategy, [1, 2])
     arrays, metrics = strategy.aggregate_train(
         1, [good(sent[0], 1.0), good(sent[0], 9.0), good(sent[1], 3.0)]
@@ -123,7 +130,7 @@ def test_a_duplicate_reply_from_one_node_counts_once() -> None:
 
 
 def test_too_few_valid_replies_skip_the_round() -> None:
-    strategy = ReplyValidation(FedAvg(), ReplyLimits(min_replies=2))
+    strategy = FedPrune(FedAvg(), limits=unbounded(min_replies=2))
     sent = configure(strategy, [1, 2])
     bad = good(sent[1], 0.0)
     BAD_INPUTS["nan"](bad)
@@ -140,7 +147,7 @@ def test_a_non_finite_aggregate_skips_the_round_and_leaves_the_server_optimizer_
     from strategies.wrapper import strategy_state
 
     inner = FedAvgM(server_learning_rate=2.0, server_momentum=0.9)
-    strategy = ReplyValidation(inner, ReplyLimits(min_replies=2))
+    strategy = FedPrune(inner, limits=unbounded(min_replies=2))
     sent = configure(strategy, [1, 2])
     arrays, _ = strategy.aggregate_train(1, [good(sent[0], 1.0), good(sent[1], 3.0)])
     assert arrays is not None and inner.momentum_vector is not None
@@ -157,7 +164,7 @@ def test_a_non_finite_aggregate_skips_the_round_and_leaves_the_server_optimizer_
 
 
 def test_every_failure_reason_is_recorded() -> None:
-    strategy = ReplyValidation(FedAvg(), ReplyLimits(min_replies=1))
+    strategy = FedPrune(FedAvg(), limits=unbounded(min_replies=1))
     sent = configure(strategy, [1, 2])
     bad = good(sent[1], 0.0)
     BAD_INPUTS["wrong-shape"](bad)
@@ -167,28 +174,71 @@ def test_every_failure_reason_is_recorded() -> None:
 
 
 def test_replies_to_every_node_are_configured_with_the_global_model() -> None:
-    strategy = ReplyValidation(FedAvg(), ReplyLimits())
+    strategy = FedPrune(FedAvg(), limits=unbounded())
     sent = configure(strategy, [1, 2, 3])
     assert sorted(m.metadata.dst_node_id for m in sent) == [1, 2, 3]
     assert all(m.metadata.message_type == MessageType.TRAIN for m in sent)
 
 
+def sends(message: Message, w: list[float], n: int = 1) -> Message:
+    arrays = {"w": np.array([w], np.float32)}
+    metrics = MetricRecord({keys.NUM_EXAMPLES: n})
+    return Message(
+        content=RecordDict({keys.ARRAYS: to_record(arrays), keys.METRICS: metrics}),
+        reply_to=message,
+    )
+
+
 def test_update_clipping_bounds_each_update_norm_by_hand() -> None:
-    from strategies.clipping import UpdateClipping
-
     zero = {"w": np.zeros((1, 2), np.float32)}
-    strategy = UpdateClipping(FedAvg(), max_norm=2.0)
+    strategy = FedPrune(FedAvg(), limits=ReplyLimits(max_update_norm=2.0, norm_ratio=0.0))
     sent = list(strategy.configure_train(1, to_record(zero), ConfigRecord(), StaticGrid([1, 2])))
-
-    def sends(message: Message, w: list[float]) -> Message:
-        arrays = {"w": np.array([w], np.float32)}
-        metrics = MetricRecord({keys.NUM_EXAMPLES: 1})
-        return Message(
-            content=RecordDict({keys.ARRAYS: to_record(arrays), keys.METRICS: metrics}),
-            reply_to=message,
-        )
-
     # Norm 5 is scaled to 2: (3, 4) -> (1.2, 1.6); norm 1 stays. Mean: (0.6, 1.3).
     arrays, _ = strategy.aggregate_train(1, [sends(sent[0], [3, 4]), sends(sent[1], [0, 1])])
-    assert arrays is not None and strategy.clipped[1] == 1
+    assert arrays is not None and len(strategy.bounded[1]) == 1
     np.testing.assert_allclose(from_record(arrays)["w"], [[0.6, 1.3]], rtol=1e-6)
+
+
+def test_a_huge_update_is_clipped_to_a_multiple_of_the_lower_median_norm_by_default() -> None:
+    zero = {"w": np.zeros((1, 2), np.float32)}
+    strategy = FedPrune(FedAvg())  # default limits: norm_ratio 3
+    sent = sorted(
+        strategy.configure_train(1, to_record(zero), ConfigRecord(), StaticGrid([1, 2, 3])),
+        key=lambda m: m.metadata.dst_node_id,
+    )
+    # Norms 1, 2 and 5e6: the lower median is 2, the bound 6; (3e6, 4e6) -> (3.6, 4.8).
+    replies = [sends(sent[0], [0, 1]), sends(sent[1], [2, 0]), sends(sent[2], [3e6, 4e6])]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert strategy.bounded[1] == ["node 3: update norm 5e+06 clipped to 6"]
+    np.testing.assert_allclose(
+        from_record(arrays)["w"], [[(0 + 2 + 3.6) / 3, (1 + 0 + 4.8) / 3]], rtol=1e-6
+    )
+
+
+def test_a_huge_example_count_weighs_at_most_a_multiple_of_the_lower_median() -> None:
+    zero = {"w": np.zeros((1, 2), np.float32)}
+    strategy = FedPrune(FedAvg())  # default limits: examples_ratio 4
+    sent = sorted(
+        strategy.configure_train(1, to_record(zero), ConfigRecord(), StaticGrid([1, 2, 3])),
+        key=lambda m: m.metadata.dst_node_id,
+    )
+    # Claims 10, 20 and 10**7: the median is 20, so the third weighs 80, not 10**7.
+    replies = [
+        sends(sent[0], [1, 1], n=10),
+        sends(sent[1], [1, 1], n=20),
+        sends(sent[2], [-1, 0], n=10**7),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert strategy.bounded[1] == ["node 3: num-examples 10000000 weighed as 80"]
+    np.testing.assert_allclose(
+        from_record(arrays)["w"], [[(10 + 20 - 80) / 110, (10 + 20) / 110]], rtol=1e-6
+    )
+
+
+def test_round_relative_bounds_are_validated() -> None:
+    with pytest.raises(ValueError, match="norm_ratio must be 0"):
+        ReplyLimits(norm_ratio=0.5)
+    with pytest.raises(ValueError, match="examples_ratio must be a finite"):
+        ReplyLimits(examples_ratio=float("inf"))
