@@ -1,3 +1,3 @@
 """Client side: the fedprune ClientApp, its training core and a NumPyClient adapter."""
 
-import fedprune.offline  # noqa: F401  (before any flwr import)
+import boundary  # noqa: F401  (keeps Flower from calling out: before any flwr import)

@@ -23,8 +23,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import core
-from fedprune import codec, keys
+from boundary.records import from_record, scalar, to_record
+from fedprune import codec, keys, task
 from fedprune.checkpoint import (
     clear_round_states,
     client_state_dir,
@@ -35,7 +35,6 @@ from fedprune.checkpoint import (
 )
 from fedprune.config import RunConfig
 from fedprune.models import set_weights
-from strategies.records import from_record, scalar, to_record
 
 VOTE_CODEC = codec.CodecConfig(quant="int8-channel")
 """Scores only rank entries: int8 per channel is plenty, whatever the run's payload codec."""
@@ -169,7 +168,7 @@ def private_teacher(
     if not cfg.distill:
         return None
     saved = context.state.array_records.get(keys.STATE_TEACHER)
-    return core.new_teacher(cfg, partition_id, None if saved is None else from_record(saved), root)
+    return task.new_teacher(cfg, partition_id, None if saved is None else from_record(saved), root)
 
 
 def _encode_reply(
@@ -202,11 +201,11 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         restore_node_state(context, cfg, partition_id, scalar(config, keys.RESUMED_FROM, int, 0))
     start, masks = receive(msg, context, cfg)
     root = data_dir(context)
-    model = core.new_model(cfg, root)
+    model = task.new_model(cfg, root)
     set_weights(model, start)
-    data = core.local_train_data(cfg, partition_id, num_partitions, root)
-    torch_masks = core.to_torch_masks(masks)
-    result = core.train(
+    data = task.local_train_data(cfg, partition_id, num_partitions, root)
+    torch_masks = task.to_torch_masks(masks)
+    result = task.train(
         cfg,
         model,
         data,
@@ -240,7 +239,7 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     kind = scalar(config, keys.VOTE, str, "none")
     if kind != "none":
         set_weights(model, result.weights)
-        ballot = core.vote(
+        ballot = task.vote(
             cfg,
             model,
             data,
@@ -266,10 +265,10 @@ def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     partition_id, num_partitions = node_partition(context)
     weights, _ = receive(msg, context, cfg)
     root = data_dir(context)
-    model = core.new_model(cfg, root)
+    model = task.new_model(cfg, root)
     set_weights(model, weights)
-    data = core.local_eval_data(cfg, partition_id, num_partitions, root)
-    loss, accuracy = core.evaluate(model, data)
+    data = task.local_eval_data(cfg, partition_id, num_partitions, root)
+    loss, accuracy = task.evaluate(model, data)
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(data), keys.LOSS: loss, keys.ACCURACY: accuracy})
     return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)
 

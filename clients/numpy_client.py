@@ -2,7 +2,7 @@
 
 Flower 1.42 keeps ``NumPyClient`` in ``flwr.compat`` (legacy). Legacy strategies
 (``flwr.server.strategy``) average the dense float32 lists they receive, so this adapter speaks
-dense float32: it trains exactly as the ClientApp does (:func:`clients.core.train`, with DP-SGD
+dense float32: it trains exactly as the ClientApp does (:func:`fedprune.task.train`, with DP-SGD
 when the run config asks for it) but sends no compressed payloads. Compression, masks and
 byte-exact accounting live in the Message-API app (:mod:`clients.client_app`).
 """
@@ -16,9 +16,8 @@ from flwr.common import NDArrays, Scalar
 from flwr.compat.client.client import Client
 from flwr.compat.client.numpy_client import NumPyClient
 
-from clients import core
 from clients.client_app import node_partition
-from fedprune import keys
+from fedprune import keys, task
 from fedprune.config import RunConfig
 from fedprune.models import get_weights, set_weights
 
@@ -38,10 +37,10 @@ class FedPruneNumPyClient(NumPyClient):
         self.cfg = cfg
         self.partition_id = partition_id
         self.num_partitions = num_partitions
-        self.model = core.new_model(cfg)
+        self.model = task.new_model(cfg)
         self.names = list(get_weights(self.model))
         self.accountant_state: dict[str, np.ndarray] | None = None
-        self.teacher = core.new_teacher(cfg, partition_id) if cfg.distill else None
+        self.teacher = task.new_teacher(cfg, partition_id) if cfg.distill else None
 
     def _load(self, parameters: NDArrays) -> None:
         if len(parameters) != len(self.names):
@@ -57,13 +56,13 @@ class FedPruneNumPyClient(NumPyClient):
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """Train one round from ``parameters``; return the new weights and metrics."""
         self._load(parameters)
-        data = core.local_train_data(self.cfg, self.partition_id, self.num_partitions)
+        data = task.local_train_data(self.cfg, self.partition_id, self.num_partitions)
         server_round = config.get(keys.SERVER_ROUND, 1)
         if isinstance(server_round, bool) or not isinstance(server_round, int):
             raise ValueError(
                 f"config '{keys.SERVER_ROUND}' must be an integer, got {server_round!r}"
             )
-        result = core.train(
+        result = task.train(
             self.cfg,
             self.model,
             data,
@@ -88,8 +87,8 @@ class FedPruneNumPyClient(NumPyClient):
     ) -> tuple[float, int, dict[str, Scalar]]:
         """Evaluate ``parameters`` on this node's shard of the held-out split."""
         self._load(parameters)
-        data = core.local_eval_data(self.cfg, self.partition_id, self.num_partitions)
-        loss, accuracy = core.evaluate(self.model, data)
+        data = task.local_eval_data(self.cfg, self.partition_id, self.num_partitions)
+        loss, accuracy = task.evaluate(self.model, data)
         return loss, len(data), {keys.ACCURACY: accuracy}
 
 

@@ -14,11 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_type_hints
 
+from fedprune.catalog import (
+    DATASET_SHAPES,
+    AccountantName,
+    DatasetName,
+    ModelName,
+    PartitionScheme,
+)
 from fedprune.codec import CodecConfig, QuantMode
-from fedprune.data import DATASET_SHAPES, DatasetName, PartitionScheme
 from fedprune.masks import ReconcileRule
-from fedprune.models import ModelName, model_size
-from fedprune.privacy import AccountantName
 
 StrategyName = Literal["fedavg", "compressed"]
 InnerStrategyName = Literal[
@@ -237,6 +241,8 @@ class RunConfig:
         _check(self.distill_alpha >= 0.0, "distill-alpha", "must be >= 0")
         _check(self.distill_beta >= 0.0, "distill-beta", "must be >= 0")
         if self.distill:
+            from fedprune.models import model_size  # torch: only for configs that distil
+
             shape, num_classes = DATASET_SHAPES[self.dataset]
             try:
                 student, teacher = (

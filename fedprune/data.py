@@ -44,12 +44,20 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from fedprune.catalog import (
+    DATASET_SHAPES,
+    DATASETS,
+    PARTITION_SCHEMES,
+    DatasetName,
+    PartitionScheme,
+)
 
 __all__ = [
     "DATASETS",
@@ -66,18 +74,6 @@ __all__ = [
     "partition",
     "read_idx",
 ]
-
-DatasetName = Literal["digits", "fashion-mnist", "mnist", "cifar10"]
-DATASETS: Final[tuple[str, ...]] = get_args(DatasetName)
-DATASET_SHAPES: Final[dict[str, tuple[tuple[int, ...], int]]] = {
-    "digits": ((1, 8, 8), 10),
-    "fashion-mnist": ((1, 28, 28), 10),
-    "mnist": ((1, 28, 28), 10),
-    "cifar10": ((3, 32, 32), 10),
-}
-"""Dataset -> (shape of one example, number of classes), known without loading it."""
-PartitionScheme = Literal["iid", "dirichlet", "classes"]
-PARTITION_SCHEMES: Final[tuple[str, ...]] = get_args(PartitionScheme)
 
 NORMALIZATION: Final[dict[str, tuple[tuple[float, ...], tuple[float, ...]]]] = {
     "digits": ((0.0,), (1.0,)),

@@ -41,12 +41,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from typing import Final, Literal, get_args
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
+
+from fedprune.catalog import MODELS, ModelName
 
 __all__ = [
     "MODELS",
@@ -58,8 +60,6 @@ __all__ = [
     "set_weights",
 ]
 
-ModelName = Literal["mlp", "mlp-small", "mlp-large", "cnn", "resnet18"]
-MODELS: Final[tuple[str, ...]] = get_args(ModelName)
 MLP_WIDTHS: Final[dict[str, tuple[int, ...]]] = {"mlp-small": (64, 64), "mlp-large": (512, 512)}
 """Fixed hidden widths of the named MLP variants."""
 GROUP_NORM_GROUPS: Final = 32

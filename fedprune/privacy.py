@@ -71,6 +71,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedprune.catalog import AccountantName
+
 __all__ = [
     "MECHANISM_KEY",
     "NOISE_MULTIPLIER_KEY",
@@ -91,8 +93,6 @@ __all__ = [
     "resolve_noise_multiplier",
 ]
 
-AccountantName = Literal["rdp", "prv"]
-"""Opacus accountants supported here (both keep a ``(sigma, q, steps)`` history)."""
 GradSampleMode = Literal["hooks", "functorch", "ew"]
 """Opacus per-sample-gradient engines that materialise ``p.grad_sample`` (needed for masking).
 

@@ -1,3 +1,3 @@
 """Run configs, the comparison harness, benchmarks and deployment scripts."""
 
-import fedprune.offline  # noqa: F401  (before any flwr import)
+import boundary  # noqa: F401  (keeps Flower from calling out: before any flwr import)

@@ -275,6 +275,14 @@ def bench_sim1000() -> dict[str, float]:
     return bench_sim_1000()
 
 
+@register("server")
+def bench_server() -> dict[str, float]:
+    """Server CPU per reply over stock FedAvg (see :mod:`simulations.bench_server`)."""
+    from simulations.bench_server import bench_server_reply_cost
+
+    return bench_server_reply_cost()
+
+
 @register("client")
 def bench_client() -> dict[str, float]:
     """Peak RSS of one client process training one round, one thread."""

@@ -19,11 +19,11 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from boundary.records import to_record
 from fedprune import codec, keys
 from fedprune.config import RunConfig
 from simulations.grid import StaticGrid, server_task_identity
 from strategies.factory import build_strategy
-from strategies.records import to_record
 
 REPLIES = 20
 REPEATS = 3

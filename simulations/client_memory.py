@@ -158,14 +158,13 @@ def _child(dataset: str, model: str, threads: int, partition_id: int, num_partit
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
 
-    from clients import core
+    from boundary.records import to_record
     from clients.client_app import train
-    from fedprune import keys
+    from fedprune import keys, task
     from fedprune.config import RunConfig
     from fedprune.models import get_weights
     from fedprune.pruning import prunable_names
     from strategies.factory import build_strategy
-    from strategies.records import to_record
 
     imports_mb = _status_mb("VmRSS")
 
@@ -204,7 +203,7 @@ def _child(dataset: str, model: str, threads: int, partition_id: int, num_partit
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     cfg = RunConfig.from_mapping({"dataset": dataset, "model": model, "num-server-rounds": 1})
     # The round-1 downlink exactly as the ServerApp's strategy builds it (a few MB at most).
-    net = core.new_model(cfg)
+    net = task.new_model(cfg)
     built = build_strategy(cfg, prunable=prunable_names(net))
     message = next(
         iter(
@@ -212,7 +211,7 @@ def _child(dataset: str, model: str, threads: int, partition_id: int, num_partit
         )
     )
     del built, net
-    core.local_train_data(cfg, partition_id, num_partitions)
+    task.local_train_data(cfg, partition_id, num_partitions)
     data_mb = _status_mb("VmHWM")
     context = Context(
         run_id=1,

@@ -26,10 +26,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from boundary.records import from_record, to_record
 from clients.client_app import node_partition, train
 from fedprune import codec, keys
 from fedprune.config import RunConfig
-from strategies.records import from_record, to_record
 
 FAULTS = (
     "raise",

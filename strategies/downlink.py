@@ -18,8 +18,8 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from boundary.records import to_record
 from fedprune import codec, keys
-from strategies.records import to_record
 from strategies.state import RoundState
 
 

@@ -28,12 +28,12 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from boundary.records import scalar
 from fedprune import keys
 from fedprune.config import RunConfig
 from fedprune.masks import ReconcileConfig
 from strategies.accounting import WireAccounting
 from strategies.masking import DensitySchedule, MaskPolicy
-from strategies.records import scalar
 from strategies.strategy import FedPrune
 from strategies.validation import ReplyLimits
 

@@ -19,8 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from clients import core
-from fedprune import keys
+from boundary.records import from_record, scalar, to_record
+from fedprune import keys, task
 from fedprune.checkpoint import (
     SERVER_FILE,
     checkpoint_dir,
@@ -37,7 +37,6 @@ from fedprune.pruning import prunable_names
 from fedprune.results import RoundRecord, RunSummary, summarize, write_run
 from strategies.accounting import RoundTraffic
 from strategies.factory import build_strategy
-from strategies.records import from_record, scalar, to_record
 from strategies.wrapper import load_strategy_state, strategy_state
 
 MODEL_FILE = "model.npz"
@@ -72,7 +71,7 @@ def run(
         What was measured over the run.
     """
     started = time.perf_counter()
-    model = core.new_model(cfg)
+    model = task.new_model(cfg)
     _, test = load_dataset(cfg.dataset)
     built = build_strategy(
         cfg,
@@ -84,7 +83,7 @@ def run(
 
     def evaluate(arrays: ArrayRecord) -> tuple[float, float]:
         set_weights(model, from_record(arrays))
-        loss, accuracy = core.evaluate(model, test)
+        loss, accuracy = task.evaluate(model, test)
         return loss, accuracy
 
     initial = to_record(get_weights(model))
@@ -151,7 +150,7 @@ def run(
     masks = built.masking.mask if built.masking is not None else None
     model_bytes = save_compact(directory / MODEL_FILE, from_record(arrays), masks)
     set_weights(model, load_compact(directory / MODEL_FILE))
-    _, compact_accuracy = core.evaluate(model, test)
+    _, compact_accuracy = task.evaluate(model, test)
     summary = summarize(
         cfg.run_name,
         dict(cfg.to_mapping()),

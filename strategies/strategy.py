@@ -36,10 +36,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from boundary.records import from_record, to_record
 from fedprune import codec, keys
 from strategies.downlink import Downlink
 from strategies.masking import MaskPolicy
-from strategies.records import from_record, to_record
 from strategies.replies import (
     TrainReply,
     common_metrics,

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from clients import core
-from fedprune import codec
+from fedprune import codec, task
 from fedprune.config import RunConfig
 from fedprune.data import client_data, load_dataset
 from fedprune.export import load_compact
@@ -102,7 +101,7 @@ def test_pruned_run_hits_the_target_density_with_exact_zeros(
     rows = read_rounds(results / "pruned")
     assert [float(r["density"]) for r in rows][-1] == pytest.approx(0.3, abs=1e-12)
     cfg = RunConfig()
-    names = prunable_names(core.new_model(cfg))
+    names = prunable_names(task.new_model(cfg))
     with np.load(results / "pruned" / MODEL_FILE, allow_pickle=False) as f:
         masks = codec.payload_masks({k: f[k] for k in f.files})
     weights = load_compact(results / "pruned" / MODEL_FILE)
@@ -113,10 +112,10 @@ def test_pruned_run_hits_the_target_density_with_exact_zeros(
         assert np.all(weights[name][~masks[name]] == 0.0)
     assert pruned.final_accuracy > 0.3
     # The compact file reloads into a model with the accuracy the summary reports.
-    model = core.new_model(cfg)
+    model = task.new_model(cfg)
     set_weights(model, weights)
     _, test = load_dataset("digits")
-    assert core.evaluate(model, test)[1] == pruned.compact_accuracy
+    assert task.evaluate(model, test)[1] == pruned.compact_accuracy
 
 
 @pytest.mark.parametrize("inner", ["fedavgm", "fedprox"])

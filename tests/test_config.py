@@ -90,3 +90,15 @@ def test_distillation_composes_with_every_strategy_and_dp() -> None:
 def test_replace_checks_types_like_from_mapping(changes: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         RunConfig().replace(**changes)
+
+
+def test_parsing_a_config_imports_neither_torch_nor_opacus_nor_flower() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fedprune.config import RunConfig; RunConfig.from_mapping({'lr': 0.05});"
+        "print(sorted(m for m in ('torch', 'opacus', 'flwr') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -14,9 +14,10 @@ from flwr.simulation import run_simulation
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from clients import client_app, core
+from boundary.records import from_record, to_record
+from clients import client_app
 from clients.client_app import make_client_app
-from fedprune import codec, keys
+from fedprune import codec, keys, task
 from fedprune.config import RunConfig
 from fedprune.distill import DistillPair, mutual_distillation_loss
 from fedprune.models import get_weights
@@ -24,7 +25,6 @@ from fedprune.privacy import DPConfig, make_private, planned_total_steps
 from fedprune.results import RunSummary
 from simulations.grid import server_task_identity
 from simulations.simulate import backend_config
-from strategies.records import from_record, to_record
 from strategies.server_app import run as server_run
 
 torch.set_num_threads(1)
@@ -191,9 +191,9 @@ def _cfg(**changes: object) -> RunConfig:
 
 
 def _train_round(cfg, teacher, server_round, accountant_state=None, masks=None):
-    data = core.local_train_data(cfg, 0, 4)
-    student = core.new_model(cfg)
-    return core.train(
+    data = task.local_train_data(cfg, 0, 4)
+    student = task.new_model(cfg)
+    return task.train(
         cfg,
         student,
         data,
@@ -208,16 +208,16 @@ def _train_round(cfg, teacher, server_round, accountant_state=None, masks=None):
 def test_dp_distillation_reports_the_epsilon_of_one_opacus_accountant() -> None:
     sigma = 1.1
     cfg = _cfg(dp=True, noise_multiplier=sigma)
-    teacher = core.new_teacher(cfg, 0)
+    teacher = task.new_teacher(cfg, 0)
     before = get_weights(teacher)
     first = _train_round(cfg, teacher, 1)
     second = _train_round(
         cfg,
-        core.new_teacher(cfg, 0, first.teacher_weights),
+        task.new_teacher(cfg, 0, first.teacher_weights),
         2,
         accountant_state=first.accountant_state,
     )
-    data = core.local_train_data(cfg, 0, 4)
+    data = task.local_train_data(cfg, 0, 4)
     loader = data.to_loader(cfg.batch_size)
     accountant = RDPAccountant()  # the student and the teacher: one mechanism, one history
     accountant.history = [
@@ -236,13 +236,13 @@ def test_dp_distillation_reports_the_epsilon_of_one_opacus_accountant() -> None:
 
 def test_distillation_trains_both_models_and_masks_the_student_only() -> None:
     cfg = _cfg()
-    student = core.new_model(cfg)
+    student = task.new_model(cfg)
     masks = {
         name: torch.from_numpy(np.random.default_rng(0).random(w.shape) < 0.3)
         for name, w in get_weights(student).items()
         if w.ndim >= 2
     }
-    teacher = core.new_teacher(cfg, 0)
+    teacher = task.new_teacher(cfg, 0)
     before = get_weights(teacher)
     result = _train_round(cfg, teacher, 1, masks=masks)
     for name, keep in masks.items():
@@ -251,13 +251,13 @@ def test_distillation_trains_both_models_and_masks_the_student_only() -> None:
     assert all(not np.array_equal(result.teacher_weights[k], before[k]) for k in before)
     assert np.mean([np.mean(v == 0) for v in result.teacher_weights.values()]) < 0.01
     assert {k: v.shape for k, v in result.weights.items()} == {
-        k: v.shape for k, v in get_weights(core.new_model(cfg)).items()
+        k: v.shape for k, v in get_weights(task.new_model(cfg)).items()
     }
     # The same round without distillation trains the student alone, and differently.
-    plain = core.train(
+    plain = task.train(
         cfg.replace(distill=False),
-        core.new_model(cfg),
-        core.local_train_data(cfg, 0, 4),
+        task.new_model(cfg),
+        task.local_train_data(cfg, 0, 4),
         masks=masks,
         server_round=1,
         node_seed=0,
@@ -268,7 +268,7 @@ def test_distillation_trains_both_models_and_masks_the_student_only() -> None:
 
 def test_teacher_is_deterministic_per_node_and_required_exactly_with_distill() -> None:
     cfg = _cfg()
-    a, b, other = core.new_teacher(cfg, 0), core.new_teacher(cfg, 0), core.new_teacher(cfg, 1)
+    a, b, other = task.new_teacher(cfg, 0), task.new_teacher(cfg, 0), task.new_teacher(cfg, 1)
     wa, wb, wo = get_weights(a), get_weights(b), get_weights(other)
     assert all(np.array_equal(wa[k], wb[k]) for k in wa)
     assert not all(np.array_equal(wa[k], wo[k]) for k in wa)
@@ -354,8 +354,8 @@ def test_no_teacher_parameter_travels_and_bytes_equal_the_plain_student(tmp_path
     plain, _ = _simulate_recording(base.replace(run_name="plain"), nodes)
     distilled, seen = _simulate_recording(base.replace(run_name="kd", distill=True), nodes)
 
-    student = get_weights(core.new_model(base))
-    teacher = get_weights(core.new_teacher(base.replace(distill=True), 0))
+    student = get_weights(task.new_model(base))
+    teacher = get_weights(task.new_teacher(base.replace(distill=True), 0))
     teacher_size = sum(v.size for v in teacher.values())
     student_shapes = {name: w.shape for name, w in student.items()}
     # Shapes only the teacher has (its 512-wide layers): none may appear anywhere.
@@ -398,7 +398,7 @@ def test_client_app_keeps_the_teacher_in_its_state_and_replies_with_the_student_
     tmp_path: Path,
 ) -> None:
     cfg = RunConfig(strategy="fedavg", target_density=1.0, distill=True, results_dir=str(tmp_path))
-    student = get_weights(core.new_model(cfg))
+    student = get_weights(task.new_model(cfg))
     node: dict[str, bool | float | int | str] = {keys.PARTITION_ID: 1, keys.NUM_PARTITIONS: 4}
     kept, fresh = Context(1, 7, node, RecordDict(), {}), Context(1, 7, node, RecordDict(), {})
     teachers = []
@@ -417,7 +417,7 @@ def test_client_app_keeps_the_teacher_in_its_state_and_replies_with_the_student_
             assert {k: v.shape for k, v in sent.items()} == {k: v.shape for k, v in student.items()}
             teachers.append(from_record(context.state.array_records[keys.STATE_TEACHER]))
     first, second, from_scratch = teachers
-    expected = get_weights(core.new_teacher(cfg, 1))
+    expected = get_weights(task.new_teacher(cfg, 1))
     assert {k: v.shape for k, v in first.items()} == {k: v.shape for k, v in expected.items()}
     # Round 2 continued from the teacher kept after round 1, not from a new one.
     assert any(not np.array_equal(second[k], from_scratch[k]) for k in second)

@@ -8,9 +8,8 @@ from flwr.server.strategy import FedAvg
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
-from clients import core
 from clients.numpy_client import make_legacy_client_app
-from fedprune import keys
+from fedprune import keys, task
 from fedprune.config import RunConfig
 from fedprune.models import get_weights
 from simulations.simulate import backend_config
@@ -29,7 +28,7 @@ def test_numpy_client_trains_under_the_legacy_path() -> None:
         return {keys.ACCURACY: accuracy}
 
     def server_fn(context: Context) -> ServerAppComponents:
-        initial = list(get_weights(core.new_model(cfg)).values())
+        initial = list(get_weights(task.new_model(cfg)).values())
         strategy = FedAvg(
             min_fit_clients=3,
             min_evaluate_clients=3,

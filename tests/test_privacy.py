@@ -591,12 +591,12 @@ def test_the_client_reports_its_training_loss_only_without_dp(dp: bool, tmp_path
     """The loss on private batches is not noised: under DP it never leaves the node."""
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-    from clients import client_app, core
-    from fedprune import keys
+    from boundary.records import to_record
+    from clients import client_app
+    from fedprune import keys, task
     from fedprune.config import RunConfig
     from fedprune.models import get_weights
     from simulations.grid import server_task_identity
-    from strategies.records import to_record
 
     cfg = RunConfig(
         strategy="fedavg",
@@ -609,7 +609,7 @@ def test_the_client_reports_its_training_loss_only_without_dp(dp: bool, tmp_path
     context = Context(1, 7, node, RecordDict(), {})
     content = RecordDict(
         {
-            keys.ARRAYS: to_record(get_weights(core.new_model(cfg))),
+            keys.ARRAYS: to_record(get_weights(task.new_model(cfg))),
             keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1}),
         }
     )

@@ -7,13 +7,13 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from boundary.records import from_record, scalar, to_record
 from fedprune import codec, keys
 from fedprune.masks import ReconcileConfig
 from simulations.grid import StaticGrid, server_task_identity
 from strategies.accounting import WireAccounting, message_wire_bytes, object_tree_bytes
 from strategies.downlink import Downlink
 from strategies.masking import DensitySchedule, MaskPolicy
-from strategies.records import from_record, scalar, to_record
 from strategies.state import RoundState
 from strategies.strategy import FedPrune
 from strategies.validation import ReplyLimits

@@ -16,9 +16,9 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAvg
 
+from boundary.records import from_record, to_record
 from fedprune import keys
 from simulations.grid import StaticGrid, server_task_identity
-from strategies.records import from_record, to_record
 from strategies.strategy import FedPrune
 from strategies.validation import ReplyLimits
 
