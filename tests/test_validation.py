@@ -1,6 +1,7 @@
 """FedPrune's reply boundary and bounds: each bad input is dropped, the aggregate equals the run
 without it; an honest-looking reply cannot take over the model."""
 
+import io
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -14,7 +15,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, Krum
 
 from boundary.records import from_record, to_record
 from fedprune import keys
@@ -67,6 +68,43 @@ def without(record: str) -> Callable[[Message], None]:
     return edit
 
 
+def with_record(name: str, record: object) -> Callable[[Message], None]:
+    def edit(reply: Message) -> None:
+        reply.content[name] = record  # type: ignore[assignment]
+
+    return edit
+
+
+def npy_array(
+    descr: str,
+    shape: tuple[int, ...],
+    *,
+    body: int,
+    fortran: bool = False,
+    fields: tuple[tuple[int, ...], str] | None = None,
+) -> Array:
+    """An npy buffer with the given header and ``body`` zero bytes after it."""
+    buffer = io.BytesIO()
+    header = {"descr": descr, "fortran_order": fortran, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    shape_field, dtype_field = fields or (shape, "float32")
+    return Array(dtype_field, shape_field, "numpy.ndarray", buffer.getvalue() + bytes(body))
+
+
+def with_array(array: Array) -> Callable[[Message], None]:
+    """Replace the reply's first tensor (``w``) by ``array``."""
+
+    def edit(reply: Message) -> None:
+        record = reply.content.array_records[keys.ARRAYS]
+        reply.content[keys.ARRAYS] = ArrayRecord({"w": array, "b": record["b"]})
+
+    return edit
+
+
+def evaluate_type(reply: Message) -> None:
+    reply.metadata.message_type = MessageType.EVALUATE
+
+
 def unbounded(**limits: int) -> ReplyLimits:
     """Limits without the round-relative bounds (tested on their own below)."""
     return ReplyLimits(**limits, examples_ratio=0.0, norm_ratio=0.0)
@@ -93,6 +131,20 @@ BAD_INPUTS: dict[str, Callable[[Message], None]] = {
     "epsilon-list": with_metric(keys.EPSILON, [1.0, 2.0]),
     "no-arrays": without(keys.ARRAYS),
     "no-metrics": without(keys.METRICS),
+    "extra-record": with_record("extra", ConfigRecord({"x": 1})),
+    "arrays-not-arrays": with_record(keys.ARRAYS, ConfigRecord({"w": 1})),
+    "metric-list": with_metric(keys.TRAIN_LOSS, [0.5, 0.5]),
+    "metric-inf": with_metric(keys.TRAIN_LOSS, float("inf")),
+    # Arrays that cannot be read, each for another reason (none is a ValueError of numpy's).
+    "foreign-stype": with_array(Array("float32", (2, 3), "torch.Tensor", bytes(24))),
+    "empty-buffer": with_array(Array("float32", (2, 3), "numpy.ndarray", b"")),
+    "garbage-bytes": with_array(Array("float32", (2, 3), "numpy.ndarray", b"\x93NUMPY garbage")),
+    "header-bomb": with_array(npy_array("<f4", (2**40,), body=16)),
+    "header-shorter-body": with_array(npy_array("<f4", (2, 3), body=20)),
+    "header-other-shape": with_array(npy_array("<f4", (3, 2), body=24, fields=((2, 3), "float32"))),
+    "header-object-dtype": with_array(npy_array("|O", (2, 3), body=48)),
+    "header-fortran": with_array(npy_array("<f4", (2, 3), body=24, fortran=True)),
+    "wrong-message-type": evaluate_type,
 }
 
 
@@ -242,3 +294,64 @@ def test_round_relative_bounds_are_validated() -> None:
         ReplyLimits(norm_ratio=0.5)
     with pytest.raises(ValueError, match="examples_ratio must be a finite"):
         ReplyLimits(examples_ratio=float("inf"))
+
+
+@pytest.mark.parametrize("inner", [FedAvg, FedMedian, Krum])
+def test_replies_whose_metric_keys_differ_never_reach_the_inner_strategy_inconsistent(
+    inner: type[FedAvg],
+) -> None:
+    """Flower's strategies raise InconsistentMessageReplies on differing keys; FedPrune never lets
+    them see such replies: only the keys every accepted reply has are aggregated."""
+
+    def aggregate(extra: bool) -> dict[str, np.ndarray]:
+        strategy = FedPrune(inner(), limits=unbounded(min_replies=2))
+        sent = configure(strategy, [1, 2, 3])
+        replies = [good(sent[0], 1.0), good(sent[1], 3.0), good(sent[2], 2.0)]
+        if extra:
+            replies[0].content[keys.METRICS]["extra-metric"] = 1.0
+            replies[1].content[keys.METRICS][keys.TRAIN_LOSS] = 0.5
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert arrays is not None
+        return from_record(arrays)
+
+    got, want = aggregate(extra=True), aggregate(extra=False)
+    for name in GLOBAL:
+        np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_an_error_reply_in_a_pruning_round_is_counted_and_the_round_goes_on() -> None:
+    from flwr.app import Error
+
+    from fedprune.codec import CodecConfig, encode
+    from fedprune.masks import ReconcileConfig
+    from strategies.masking import DensitySchedule, MaskPolicy
+
+    def aggregate(with_error: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        policy = MaskPolicy(
+            ["w"], DensitySchedule(1.0, 0.5, 1, 1), ReconcileConfig(), server_scores=True
+        )
+        strategy = FedPrune(
+            FedAvg(), codec_config=CodecConfig(), masking=policy, limits=unbounded(min_replies=2)
+        )
+        sent = configure(strategy, [1, 2, 3])
+        replies = []
+        for i, message in enumerate(sent[:2]):
+            delta = {k: np.full(v.shape, 0.5 * (i + 1), np.float32) for k, v in GLOBAL.items()}
+            content = RecordDict(
+                {
+                    keys.ARRAYS: to_record(encode(delta, CodecConfig())),
+                    keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10}),
+                }
+            )
+            replies.append(Message(content=content, reply_to=message))
+        if with_error:
+            replies.insert(0, Message(Error(code=0, reason="node went away"), reply_to=sent[2]))
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        assert arrays is not None and metrics is not None and policy.mask is not None
+        assert metrics[keys.NUM_REJECTED] == 0
+        return from_record(arrays), policy.mask
+
+    (got, got_mask), (want, want_mask) = aggregate(True), aggregate(False)
+    np.testing.assert_array_equal(got_mask["w"], want_mask["w"])
+    for name in GLOBAL:
+        np.testing.assert_array_equal(got[name], want[name])
