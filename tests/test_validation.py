@@ -308,8 +308,8 @@ def test_replies_whose_metric_keys_differ_never_reach_the_inner_strategy_inconsi
         sent = configure(strategy, [1, 2, 3])
         replies = [good(sent[0], 1.0), good(sent[1], 3.0), good(sent[2], 2.0)]
         if extra:
-            replies[0].content[keys.METRICS]["extra-metric"] = 1.0
-            replies[1].content[keys.METRICS][keys.TRAIN_LOSS] = 0.5
+            replies[0].content.metric_records[keys.METRICS]["extra-metric"] = 1.0
+            replies[1].content.metric_records[keys.METRICS][keys.TRAIN_LOSS] = 0.5
         arrays, _ = strategy.aggregate_train(1, replies)
         assert arrays is not None
         return from_record(arrays)
