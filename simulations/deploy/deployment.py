@@ -118,9 +118,17 @@ class Deployment:
         return env
 
     def start_superlink(
-        self, *, port: int | None = None, auth: bool = True, timeout_s: float = 60.0
+        self,
+        *,
+        port: int | None = None,
+        auth: bool = True,
+        timeout_s: float = 60.0,
+        env: Mapping[str, str] | None = None,
     ) -> str:
-        """Create certificates, start the SuperLink, write the connection; return its address."""
+        """Create certificates, start the SuperLink, write the connection; return its address.
+
+        ``env`` adds environment variables of the SuperLink (e.g. ``FLWR_LOG_LEVEL``).
+        """
         if self.superlink is not None:
             raise DeploymentError("the SuperLink is already running")
         self.certs = make_certificates(self.workdir / "certs", [self.host])
@@ -129,7 +137,7 @@ class Deployment:
             "superlink",
             superlink_command(self.certs, host=self.host, port=port, auth=auth),
             log=self.logs / "superlink.log",
-            env=self.env(),
+            env=self.env(env),
             cwd=self.workdir,
         )
         try:
@@ -165,6 +173,8 @@ class Deployment:
         data_dir: str | os.PathLike[str] | None = None,
         max_retries: int | None = None,
         timeout_s: float = 120.0,
+        superlink: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> int:
         """Start a SuperNode and wait until it is connected; return its node id.
 
@@ -184,6 +194,11 @@ class Deployment:
             Connection retries before giving up (default: forever).
         timeout_s : float
             How long to wait for the connection.
+        superlink : str, optional
+            Address to connect to instead of the SuperLink's own (e.g. a
+            :class:`~simulations.deploy.relay.CountingRelay` in front of it).
+        env : Mapping[str, str], optional
+            Extra environment of the SuperNode (and its ClientApps).
 
         Raises
         ------
@@ -195,7 +210,7 @@ class Deployment:
             raise DeploymentError("start the SuperLink first")
         log = self.logs / f"{name}.log"
         argv = supernode_command(
-            superlink=self.address,
+            superlink=superlink or self.address,
             root_certificates=self.certs.ca_cert if tls else None,
             private_key=None if key is None else key.private,
             partition_id=partition_id,
@@ -204,7 +219,7 @@ class Deployment:
             port=free_port("127.0.0.1"),
             max_retries=max_retries,
         )
-        extra = node_env(threads=self.threads, data_dir=data_dir)
+        extra = node_env(threads=self.threads, data_dir=data_dir) | dict(env or {})
         process = self.processes.start(name, argv, log=log, env=self.env(extra), cwd=self.workdir)
         try:
             node_id = wait_for_supernode(process, log, timeout_s=timeout_s)
