@@ -10,6 +10,7 @@ upstream side (which is the client address the SuperLink logs for that connectio
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import socket
 import threading
@@ -130,23 +131,31 @@ class CountingRelay:
                 conn = Connection(len(self.connections), time.time(), upstream.getsockname()[1])
                 self.connections.append(conn)
                 self._sockets += [client, upstream]
+            done = threading.Barrier(2, action=functools.partial(_shut, client, upstream))
             for src, dst, direction in ((client, upstream, UP), (upstream, client, DOWN)):
                 threading.Thread(
-                    target=self._pump, args=(src, dst, conn.id, direction), daemon=True
+                    target=self._pump, args=(src, dst, conn.id, direction, done), daemon=True
                 ).start()
 
     def _pump(
-        self, src: socket.socket, dst: socket.socket, conn: int, direction: Literal["up", "down"]
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        conn: int,
+        direction: Literal["up", "down"],
+        done: threading.Barrier,
     ) -> None:
+        """Copy ``src`` to ``dst``; pass a half-close on; close both when both ways ended."""
         try:
             while data := src.recv(_CHUNK):
                 dst.sendall(data)
                 with self._lock:
                     self.chunks.append(Chunk(time.time(), conn, direction, len(data)))
+            dst.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
-        finally:
-            _shut(src, dst)
+            _shut(src, dst)  # a reset: end the other direction too
+        with contextlib.suppress(threading.BrokenBarrierError):
+            done.wait()
 
     def traffic(self, start: float = 0.0, end: float = float("inf")) -> Traffic:
         """Bytes forwarded and connections accepted with ``start <= t < end``."""
