@@ -232,7 +232,7 @@ def test_processes_stopped_when_the_block_fails(tmp_path: Path) -> None:
         assert len(pids) >= 2  # the SuperLink and its SuperExec (a new session)
         raise RuntimeError("boom")
     _assert_nothing_left(deployment.tag, timeout_s=0.5)
-    assert not any(Path(f"/proc/{pid}").exists() and deploy._alive(pid) for pid in pids)
+    assert not any(Path(f"/proc/{pid}").exists() and deploy.processes._alive(pid) for pid in pids)
 
 
 @pytest.mark.slow
