@@ -19,7 +19,7 @@ from flwr.common.config import validate_config
 from flwr.common.constant import FAB_MAX_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_PACKAGES = ("fedprune", "strategies", "clients")
+APP_PACKAGES = ("fedprune", "boundary", "strategies", "clients")
 
 
 def _fab() -> tuple[bytes, dict[str, int]]:
