@@ -35,7 +35,8 @@ def _runtime_modules() -> set[str]:
         "import strategies.server_app, clients.client_app\n"
         f"root = {str(ROOT)!r}\n"
         "files = [m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None)]\n"
-        "print(json.dumps(sorted(os.path.relpath(f, root) for f in files if f.startswith(root))))\n"
+        "ours = [f for f in files if f.startswith(root) and not f.startswith(sys.prefix)]\n"
+        "print(json.dumps(sorted(os.path.relpath(f, root) for f in ours)))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
