@@ -16,10 +16,13 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: venv demo test lint typecheck pytest bench clean
 
-$(STAMP): pyproject.toml
+# The last step writes the same Flower variables into the venv (a .pth file that sets each one
+# unless it is already set), so a plain `flwr run .` has them too: see simulations/local_superlink.py.
+$(STAMP): pyproject.toml simulations/local_superlink.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[simulation,dev]"
+	$(BIN)/python -m simulations.local_superlink install
 	touch $(STAMP)
 
 venv: $(STAMP)
