@@ -36,6 +36,7 @@ from fedprune.checkpoint import (
 from fedprune.config import RunConfig
 from fedprune.models import set_weights
 from strategies.records import from_record, scalar, to_record
+from strategies.sampling import partition_reply
 
 VOTE_CODEC = codec.CodecConfig(quant="int8-channel")
 """Scores only rank entries: int8 per channel is plenty, whatever the run's payload codec."""
@@ -295,6 +296,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     @client_app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         return evaluate(msg, context, config_of(context))
+
+    client_app.query(keys.PARTITION_QUERY)(partition_reply)  # strategies/sampling.py
 
     return client_app
 

@@ -38,6 +38,7 @@ from strategies.clipping import UpdateClipping
 from strategies.masking import DensitySchedule, MaskReconciliation
 from strategies.payload import CompressedPayload
 from strategies.records import scalar
+from strategies.sampling import StableSampling
 from strategies.validation import ReplyLimits, ReplyValidation
 
 
@@ -112,6 +113,10 @@ def build_strategy(cfg: RunConfig, *, prunable: Sequence[str]) -> BuiltStrategy:
         Names of the model's prunable tensors (Linear/Conv weights).
     """
     inner = build_inner(cfg)
+    if cfg.fraction_train < 1.0:  # reproducible: by partition id and seed (strategies/sampling.py)
+        inner = StableSampling(
+            inner, fraction=cfg.fraction_train, min_nodes=cfg.min_train_nodes, seed=cfg.seed
+        )
     if cfg.clip_update_norm > 0:
         inner = UpdateClipping(inner, cfg.clip_update_norm)
     limits = ReplyLimits(min_replies=cfg.min_train_nodes)
