@@ -128,16 +128,24 @@ def restore_node_state(
 def receive(
     msg: Message, context: Context, cfg: RunConfig
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """Decode the downlink into float32 weights and the global mask (``None`` if dense).
+    """Return the downlink's float32 weights and the global mask (``None`` if dense)."""
+    if not cfg.compressed:
+        return from_record(msg.content.array_records[keys.ARRAYS]), None
+    return decode_downlink(msg, context)
 
-    The mask comes from the payload when the server sent its bits, else from the node's cache.
-    A ``delta`` downlink is added to the reference model the node kept from the last round
-    (with newly pruned entries zeroed); the result becomes the new reference.
+
+def decode_downlink(
+    msg: Message, context: Context
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """Decode a compressed downlink into float32 weights and the global mask (``None``: dense).
+
+    The mask comes from the payload when the server sent its bits, else from the node's cache
+    (``context.state``). A ``delta`` downlink is added to the reference model the node kept from
+    the last round (with newly pruned entries zeroed); the result becomes the new reference.
+    Used by the fedprune ClientApp and by :func:`clients.mod.compression_mod`.
     """
     arrays = from_record(msg.content.array_records[keys.ARRAYS])
-    if not cfg.compressed:
-        return arrays, None
-    config = msg.content.config_records[keys.CONFIG]
+    config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
     mask_version = scalar(config, keys.MASK_VERSION, int, 0)
     masks: dict[str, np.ndarray] | None = codec.payload_masks(arrays) or None
     if masks is not None:
@@ -180,16 +188,36 @@ def _encode_reply(
     trained: dict[str, np.ndarray],
     masks: dict[str, np.ndarray] | None,
 ) -> ArrayRecord:
-    """Encode the delta ``trained - start`` (plus the error-feedback residual)."""
+    """Return the reply's arrays: the model (``fedavg``) or the encoded update."""
     if not cfg.compressed:
         return to_record(trained)
+    return encode_update(
+        context, start, trained, masks, cfg.update_codec(), error_feedback=cfg.error_feedback
+    )
+
+
+def encode_update(
+    context: Context,
+    start: dict[str, np.ndarray],
+    trained: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray] | None,
+    codec_config: codec.CodecConfig,
+    *,
+    error_feedback: bool,
+) -> ArrayRecord:
+    """Encode the delta ``trained - start`` plus the error-feedback residual kept in the state.
+
+    With ``error_feedback`` what the encoding left out is kept in ``context.state`` and added
+    to the next round's delta. Used by the fedprune ClientApp and by
+    :func:`clients.mod.compression_mod`.
+    """
     delta = {name: trained[name] - start[name] for name in start}
     residual = context.state.array_records.get(keys.STATE_RESIDUAL)
-    if cfg.error_feedback and residual is not None:
+    if error_feedback and residual is not None:
         for name, r in from_record(residual).items():
             delta[name] += r
-    payload = codec.encode(delta, cfg.update_codec(), masks=masks, send_masks=False)
-    if cfg.error_feedback:
+    payload = codec.encode(delta, codec_config, masks=masks, send_masks=False)
+    if error_feedback:
         context.state[keys.STATE_RESIDUAL] = to_record(codec.residual(delta, payload, masks=masks))
     return to_record(payload)
 

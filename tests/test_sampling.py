@@ -46,7 +46,7 @@ def recording_app(cfg: RunConfig, log_dir: Path) -> ClientApp:
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         partition_id, _ = node_partition(context)
-        server_round = msg.content.config_records["config"]["server-round"]
+        server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
         (log_dir / f"{server_round}-{partition_id}").touch()
         return train(msg, context, cfg)
 
