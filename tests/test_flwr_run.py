@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def test_pth_sets_the_project_env_without_overriding_the_shell(tmp_path: Path) -
     names = sorted(project_env(Path("/srv/app")))
     env = clean_env(FLWR_HOME="/mine")
     out = subprocess.run(
-        [sys.executable, "-c", probe, str(tmp_path), *names],
+        [sys.executable, "-S", "-c", probe, str(tmp_path), *names],  # -S: not this venv's .pth
         env=env,
         capture_output=True,
         text=True,
@@ -96,12 +97,16 @@ def test_plain_flwr_run_uses_the_project_env_and_keeps_the_run(tmp_path: Path) -
         FLWR_LOCAL_CONTROL_API_PORT=port,
         OMP_NUM_THREADS="1",
     )
+    # -S, then the test's .pth before this venv's site-packages: a .pth the venv itself holds
+    # (`make venv` installs one) would otherwise set the same variables first.
     flwr = [
         sys.executable,
+        "-S",
         "-c",
-        "import site, sys; site.addsitedir(sys.argv.pop(1)); "
+        "import site, sys; site.addsitedir(sys.argv.pop(1)); site.addsitedir(sys.argv.pop(1)); "
         "from flwr.cli.app import app; sys.argv[0] = 'flwr'; sys.exit(app())",
         str(site_dir),
+        sysconfig.get_paths()["purelib"],
     ]
     before = (ROOT / "pyproject.toml").read_bytes()
     try:
