@@ -36,7 +36,6 @@ from fedprune.checkpoint import (
 from fedprune.config import RunConfig
 from fedprune.models import set_weights
 from strategies.records import from_record, scalar, to_record
-from strategies.sampling import partition_reply
 
 VOTE_CODEC = codec.CodecConfig(quant="int8-channel")
 """Scores only rank entries: int8 per channel is plenty, whatever the run's payload codec."""
@@ -68,6 +67,17 @@ def node_partition(context: Context) -> tuple[int, int]:
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"{keys.PARTITION_ID}={partition_id} not in [0, {num_partitions})")
     return partition_id, num_partitions
+
+
+def partition_reply(msg: Message, context: Context) -> Message:
+    """Answer the server's ``query.partition`` message with this node's ``partition-id``.
+
+    Reproducible sampling (``strategies/sampling.py``) identifies nodes by it, not by their
+    per-run node ids.
+    """
+    partition_id, _ = node_partition(context)
+    content = RecordDict({keys.CONFIG: ConfigRecord({keys.PARTITION_ID: partition_id})})
+    return Message(content=content, reply_to=msg)
 
 
 def _store(context: Context, name: str, version: int, arrays: dict[str, np.ndarray]) -> None:
@@ -325,7 +335,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     def _evaluate(msg: Message, context: Context) -> Message:
         return evaluate(msg, context, config_of(context))
 
-    client_app.query(keys.PARTITION_QUERY)(partition_reply)  # strategies/sampling.py
+    client_app.query(keys.PARTITION_QUERY)(partition_reply)
 
     return client_app
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
@@ -30,7 +30,8 @@ from fedprune import keys
 from strategies.wrapper import StrategyWrapper
 
 QUERY_TYPE = f"{MessageType.QUERY}.{keys.PARTITION_QUERY}"
-"""The message that asks a node for its partition id (``@app.query(keys.PARTITION_QUERY)``)."""
+"""The message that asks a node for its partition id (the ClientApp answers it with
+:func:`clients.client_app.partition_reply`)."""
 QUERY_TIMEOUT_S = 120.0
 """How long the server waits for the nodes' identities."""
 
@@ -71,15 +72,6 @@ def sample_partitions(
     size = min(len(pool), max(int(len(pool) * fraction), min_nodes))
     rng = np.random.default_rng([seed, server_round])
     return sorted(int(p) for p in rng.choice(pool, size=size, replace=False))
-
-
-def partition_reply(msg: Message, context: Context) -> Message:
-    """Answer a ``query.partition`` message with this node's ``partition-id`` (ClientApp side)."""
-    partition_id = context.node_config.get(keys.PARTITION_ID)
-    if not isinstance(partition_id, int):
-        raise ValueError(f"node config {keys.PARTITION_ID}={partition_id!r} must be an integer")
-    content = RecordDict({keys.CONFIG: ConfigRecord({keys.PARTITION_ID: partition_id})})
-    return Message(content=content, reply_to=msg)
 
 
 class StableSampling(StrategyWrapper):

@@ -12,11 +12,11 @@ import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.client_app import node_partition, train
+from clients.client_app import node_partition, partition_reply, train
 from fedprune import keys
 from fedprune.config import RunConfig
 from simulations.simulate import simulate
-from strategies.sampling import partition_reply, sample_partitions
+from strategies.sampling import sample_partitions
 
 NODES = 4
 
