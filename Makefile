@@ -14,12 +14,15 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo test lint typecheck pytest bench clean
+.PHONY: venv demo test lint typecheck pytest bench clean test-py313
 
-$(STAMP): pyproject.toml
+# The last step writes the same Flower variables into the venv (a .pth file that sets each one
+# unless it is already set), so a plain `flwr run .` has them too: see simulations/local_superlink.py.
+$(STAMP): pyproject.toml simulations/local_superlink.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[simulation,dev]"
+	$(BIN)/python -m simulations.local_superlink install
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -43,6 +46,22 @@ pytest: venv
 bench: venv
 	$(BIN)/python -m simulations.bench
 
+# The Python 3.13 leg: its own .venv313 (same install), then the suite without the slow
+# end-to-end runs plus one real Ray simulation. PYTHON313 defaults to pyenv's 3.13.
+PYTHON313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
+VENV313 := .venv313
+$(VENV313)/.installed-stamp: pyproject.toml simulations/local_superlink.py
+	test -x $(VENV313)/bin/python || $(PYTHON313) -m venv $(VENV313)
+	$(VENV313)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV313)/bin/python -m pip install --quiet -e ".[simulation,dev]"
+	$(VENV313)/bin/python -m simulations.local_superlink install
+	touch $@
+
+test-py313: $(VENV313)/.installed-stamp
+	$(VENV313)/bin/python --version
+	$(VENV313)/bin/pytest -q -m "not slow" -p no:cacheprovider
+	$(VENV313)/bin/pytest -q -p no:cacheprovider tests/test_sampling.py
+
 # A real deployment on loopback: TLS SuperLink with SuperNode authentication, 2 registered
 # SuperNodes, `flwr run` for 3 rounds; prints the run's results table, fails if anything did.
 .PHONY: deploy-demo
@@ -59,4 +78,4 @@ wire-bench: venv
 	$(BIN)/python -m simulations.bench_wire
 
 clean:
-	rm -rf $(VENV) .flwr results .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV313) .flwr results .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -68,6 +68,17 @@ def node_partition(context: Context) -> tuple[int, int]:
     return partition_id, num_partitions
 
 
+def partition_reply(msg: Message, context: Context) -> Message:
+    """Answer the server's ``query.partition`` message with this node's ``partition-id``.
+
+    Reproducible sampling (``strategies/sampling.py``) identifies nodes by it, not by their
+    per-run node ids.
+    """
+    partition_id, _ = node_partition(context)
+    content = RecordDict({keys.CONFIG: ConfigRecord({keys.PARTITION_ID: partition_id})})
+    return Message(content=content, reply_to=msg)
+
+
 def _store(context: Context, name: str, version: int, arrays: dict[str, np.ndarray]) -> None:
     """Keep ``arrays`` in ``context.state`` under ``name``, tagged with ``version``."""
     context.state[name] = to_record(arrays)
@@ -126,16 +137,24 @@ def restore_node_state(
 def receive(
     msg: Message, context: Context, cfg: RunConfig
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """Decode the downlink into float32 weights and the global mask (``None`` if dense).
+    """Return the downlink's float32 weights and the global mask (``None`` if dense)."""
+    if not cfg.compressed:
+        return from_record(msg.content.array_records[keys.ARRAYS]), None
+    return decode_downlink(msg, context)
 
-    The mask comes from the payload when the server sent its bits, else from the node's cache.
-    A ``delta`` downlink is added to the reference model the node kept from the last round
-    (with newly pruned entries zeroed); the result becomes the new reference.
+
+def decode_downlink(
+    msg: Message, context: Context
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """Decode a compressed downlink into float32 weights and the global mask (``None``: dense).
+
+    The mask comes from the payload when the server sent its bits, else from the node's cache
+    (``context.state``). A ``delta`` downlink is added to the reference model the node kept from
+    the last round (with newly pruned entries zeroed); the result becomes the new reference.
+    Used by the fedprune ClientApp and by :func:`clients.mod.compression_mod`.
     """
     arrays = from_record(msg.content.array_records[keys.ARRAYS])
-    if not cfg.compressed:
-        return arrays, None
-    config = msg.content.config_records[keys.CONFIG]
+    config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
     mask_version = scalar(config, keys.MASK_VERSION, int, 0)
     masks: dict[str, np.ndarray] | None = codec.payload_masks(arrays) or None
     if masks is not None:
@@ -178,16 +197,36 @@ def _encode_reply(
     trained: dict[str, np.ndarray],
     masks: dict[str, np.ndarray] | None,
 ) -> ArrayRecord:
-    """Encode the delta ``trained - start`` (plus the error-feedback residual)."""
+    """Return the reply's arrays: the model (``fedavg``) or the encoded update."""
     if not cfg.compressed:
         return to_record(trained)
+    return encode_update(
+        context, start, trained, masks, cfg.update_codec(), error_feedback=cfg.error_feedback
+    )
+
+
+def encode_update(
+    context: Context,
+    start: dict[str, np.ndarray],
+    trained: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray] | None,
+    codec_config: codec.CodecConfig,
+    *,
+    error_feedback: bool,
+) -> ArrayRecord:
+    """Encode the delta ``trained - start`` plus the error-feedback residual kept in the state.
+
+    With ``error_feedback`` what the encoding left out is kept in ``context.state`` and added
+    to the next round's delta. Used by the fedprune ClientApp and by
+    :func:`clients.mod.compression_mod`.
+    """
     delta = {name: trained[name] - start[name] for name in start}
     residual = context.state.array_records.get(keys.STATE_RESIDUAL)
-    if cfg.error_feedback and residual is not None:
+    if error_feedback and residual is not None:
         for name, r in from_record(residual).items():
             delta[name] += r
-    payload = codec.encode(delta, cfg.update_codec(), masks=masks, send_masks=False)
-    if cfg.error_feedback:
+    payload = codec.encode(delta, codec_config, masks=masks, send_masks=False)
+    if error_feedback:
         context.state[keys.STATE_RESIDUAL] = to_record(codec.residual(delta, payload, masks=masks))
     return to_record(payload)
 
@@ -294,6 +333,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     @client_app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         return evaluate(msg, context, config_of(context))
+
+    client_app.query(keys.PARTITION_QUERY)(partition_reply)
 
     return client_app
 

@@ -37,9 +37,38 @@ most one round behind the node's newest state, so the state as of round R is alw
 """
 
 
+PROJECT_DIR_ENV = "FEDPRUNE_PROJECT_DIR"
+"""A relative ``results-dir`` resolves against this directory when the variable is set (the
+project's virtualenv sets it to the repository), else against the working directory: Flower's
+managed SuperLink runs the app from wherever it was first started."""
+
+
+def run_dir(results_dir: str | Path, run_name: str) -> Path:
+    """Return ``<results-dir>/<run-name>``, a relative ``results-dir`` taken from the project.
+
+    Parameters
+    ----------
+    results_dir : str or Path
+        The run config's ``results-dir``; absolute, or relative to ``$FEDPRUNE_PROJECT_DIR``
+        (the working directory when that is unset or empty).
+    run_name : str
+        The run config's ``run-name``.
+
+    Returns
+    -------
+    Path
+        Where the run's results and checkpoints live.
+    """
+    base = Path(results_dir)
+    project = os.environ.get(PROJECT_DIR_ENV, "")
+    if not base.is_absolute() and project:
+        base = Path(project) / base
+    return base / run_name
+
+
 def checkpoint_dir(results_dir: str | Path, run_name: str) -> Path:
     """Return the checkpoint directory of a run."""
-    return Path(results_dir) / run_name / CHECKPOINT_DIR
+    return run_dir(results_dir, run_name) / CHECKPOINT_DIR
 
 
 def client_state_dir(results_dir: str | Path, run_name: str, partition_id: int) -> Path:

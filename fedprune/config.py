@@ -80,7 +80,7 @@ class RunConfig:
     min_train_nodes: int = 2
     # Local training
     local_epochs: int = 1
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 0.1
     optimizer: OptimizerName = "sgd"
     momentum: float = 0.9

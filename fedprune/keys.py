@@ -62,5 +62,9 @@ PARTITION_ID: Final = "partition-id"
 NUM_PARTITIONS: Final = "num-partitions"
 DATA_DIR: Final = "data-dir"
 """Optional: where this node's dataset files are (see ``fedprune.data.load_dataset``)."""
+# -- Reproducible sampling (strategies/sampling.py) ------------------------------------------
+PARTITION_QUERY: Final = "partition"
+"""Action of the ``query.partition`` message: the node replies with its ``partition-id``."""
+
 PROXIMAL_MU: Final = "proximal-mu"
 """Set by Flower's FedProx in the train config."""

@@ -21,15 +21,34 @@ from fedprune.results import RunSummary
 from strategies.accounting import RoundTraffic
 from strategies.server_app import make_server_app
 
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+"""Ray's own variable: when set (``host:port`` of a cluster's head), the simulation joins that
+cluster and uses its CPUs instead of starting Ray on this machine alone."""
+
 
 def backend_config(num_cpus: int | None = None, *, quiet: bool = False) -> dict[str, Any]:
     """Ray backend settings: one CPU per virtual client, all of this machine's cores.
 
-    With ``quiet`` the ClientApp actors' logs are not forwarded to this process (errors still
-    reach the server as error replies and are logged there).
+    With ``$RAY_ADDRESS`` set, Ray joins that cluster (``ray start --head`` / ``ray start
+    --address``) and the cluster's resources count; ``num_cpus`` must then be ``None``. With
+    ``quiet`` the ClientApp actors' logs are not forwarded to this process (errors still reach
+    the server as error replies and are logged there).
+
+    Raises
+    ------
+    ValueError
+        If ``num_cpus`` is given while ``$RAY_ADDRESS`` names a cluster.
     """
-    cpus = num_cpus or os.cpu_count() or 1
-    init_args: dict[str, Any] = {"num_cpus": cpus, "include_dashboard": False}
+    init_args: dict[str, Any] = {"include_dashboard": False}
+    address = os.environ.get(RAY_ADDRESS_ENV, "")
+    if address:
+        if num_cpus is not None:
+            raise ValueError(
+                f"num_cpus={num_cpus}: with {RAY_ADDRESS_ENV}={address} the cluster sets the CPUs"
+            )
+        init_args["address"] = address
+    else:
+        init_args["num_cpus"] = num_cpus or os.cpu_count() or 1
     if quiet:
         init_args["log_to_driver"] = False
     return {"init_args": init_args, "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}

@@ -34,6 +34,7 @@ from fedprune.config import RunConfig
 from fedprune.masks import ReconcileConfig
 from strategies.accounting import WireAccounting
 from strategies.masking import DensitySchedule, MaskPolicy
+from strategies.sampling import StableSampling
 from strategies.strategy import FedPrune
 from strategies.validation import ReplyLimits
 
@@ -108,6 +109,11 @@ def build_strategy(cfg: RunConfig, *, prunable: Sequence[str]) -> BuiltStrategy:
     prunable : Sequence[str]
         Names of the model's prunable tensors (Linear/Conv weights).
     """
+    inner = build_inner(cfg)
+    if cfg.fraction_train < 1.0:  # reproducible: by partition id and seed (strategies/sampling.py)
+        inner = StableSampling(
+            inner, fraction=cfg.fraction_train, min_nodes=cfg.min_train_nodes, seed=cfg.seed
+        )
     limits = ReplyLimits(
         min_replies=cfg.min_train_nodes,
         examples_ratio=cfg.max_examples_ratio,
@@ -115,7 +121,7 @@ def build_strategy(cfg: RunConfig, *, prunable: Sequence[str]) -> BuiltStrategy:
         max_update_norm=cfg.clip_update_norm,
     )
     if not cfg.compressed:
-        fedprune = FedPrune(build_inner(cfg), limits=limits)
+        fedprune = FedPrune(inner, limits=limits)
         return BuiltStrategy(WireAccounting(fedprune), fedprune, None)
     masking: MaskPolicy | None = None
     if cfg.target_density < 1.0:
@@ -131,7 +137,7 @@ def build_strategy(cfg: RunConfig, *, prunable: Sequence[str]) -> BuiltStrategy:
             server_scores=cfg.prune_method == "magnitude",
         )
     fedprune = FedPrune(
-        build_inner(cfg),
+        inner,
         limits=limits,
         codec_config=cfg.codec(),
         update_codec=cfg.update_codec(),

@@ -27,6 +27,7 @@ from fedprune.checkpoint import (
     load_state,
     nested,
     prefixed,
+    run_dir,
     save_state,
 )
 from fedprune.config import ConfigError, RunConfig
@@ -78,7 +79,7 @@ def run(
         prunable=prunable_names(model),
     )
     built.strategy.on_round_end = on_round_end
-    directory = Path(cfg.results_dir) / cfg.run_name
+    directory = run_dir(cfg.results_dir, cfg.run_name)
     checkpoint_file = checkpoint_dir(cfg.results_dir, cfg.run_name) / SERVER_FILE
 
     def evaluate(arrays: ArrayRecord) -> tuple[float, float]:

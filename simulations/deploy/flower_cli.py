@@ -372,14 +372,14 @@ def register_keys(
 def run_status(
     connection: str, run_id: int, *, env: Mapping[str, str], timeout_s: float = 120.0
 ) -> str:
-    """Return a run's status (e.g. ``finished:completed``) from ``flwr ls --format json``."""
+    """Return a run's status (e.g. ``finished:completed``) from ``flwr list --format json``."""
     result = flwr_cli(
-        ["ls", connection, "--run-id", str(run_id), "--format", "json"],
+        ["list", connection, "--run-id", str(run_id), "--format", "json"],
         env=env,
         timeout_s=timeout_s,
     )
     if result.returncode != 0:
-        raise DeploymentError(f"`flwr ls` failed:\n{(result.stdout + result.stderr)[-2000:]}")
+        raise DeploymentError(f"`flwr list` failed:\n{(result.stdout + result.stderr)[-2000:]}")
     runs = _json_from(result.stdout).get("runs", [])
     if not runs:
         raise DeploymentError(f"run {run_id} is unknown to the SuperLink")
