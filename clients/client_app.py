@@ -139,6 +139,12 @@ def receive(
     config = msg.content.config_records[keys.CONFIG]
     mask_version = scalar(config, keys.MASK_VERSION, int, 0)
     masks: dict[str, np.ndarray] | None = codec.payload_masks(arrays) or None
+    channel_record = msg.content.array_records.get(keys.CHANNEL_MASK)
+    if channel_record is not None:  # channel pruning: one bit per channel, expanded here
+        plan = core.channel_pruning(cfg, core.new_model(cfg, data_dir(context)), data_dir(context))
+        if plan is None:
+            raise ValueError(f"'{keys.CHANNEL_MASK}' received, but prune-granularity is element")
+        masks = plan.read_mask(from_record(channel_record))
     if masks is not None:
         _store(context, keys.STATE_MASK, mask_version, masks)
     elif mask_version > 0:
@@ -238,7 +244,22 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         }
     )
     kind = scalar(config, keys.VOTE, str, "none")
-    if kind != "none":
+    plan = core.channel_pruning(cfg, model, root)
+    if kind != "none" and plan is not None:
+        set_weights(model, result.weights)
+        content[keys.CHANNEL_VOTE] = to_record(
+            core.channel_vote(
+                cfg,
+                plan,
+                model,
+                data,
+                density=scalar(config, keys.DENSITY, float),
+                masks=torch_masks,
+                node_seed=partition_id,
+                server_round=server_round,
+            )
+        )
+    elif kind != "none":
         set_weights(model, result.weights)
         ballot = core.vote(
             cfg,

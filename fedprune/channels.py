@@ -35,12 +35,14 @@ import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
+from fedprune import keys
 from fedprune.masks import ReconcileConfig, ReconcileRule, reconcile, weighted_score_sum
 
 __all__ = [
     "ChannelGraph",
     "ChannelGroup",
     "ChannelNorm",
+    "ChannelPruning",
     "channel_graph",
     "channel_mask_of",
     "channel_scores",
@@ -154,66 +156,67 @@ class ChannelGraph:
         return sum(math.prod(s) for s in self.shapes.values())
 
 
+@dataclass
+class _Group:
+    """A group while the model is walked (mutable form of :class:`ChannelGroup`)."""
+
+    name: str
+    size: int
+    unit: int = 1
+    rows: list[str] = field(default_factory=list)
+    cols: list[tuple[str, int]] = field(default_factory=list)
+    scored: list[str] = field(default_factory=list)
+
+
 class _Builder:
     """Accumulates groups while a model is walked."""
 
     def __init__(self, model: nn.Module) -> None:
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        self.groups: list[dict[str, object]] = []
+        self.groups: list[_Group] = []
 
     def new(self, name: str, size: int) -> int:
-        self.groups.append({"name": name, "size": size, "unit": 1, "rows": [], "cols": []})
-        self.groups[-1]["scored"] = []
+        """Open a new group of ``size`` channels; return its index."""
+        self.groups.append(_Group(name, size))
         return len(self.groups) - 1
 
     def produce(self, g: int, module: nn.Module, prefix: str) -> None:
-        """``module``'s outputs are group ``g``'s channels (weight rows, bias, norm params)."""
+        """Record that ``module``'s outputs are group ``g``'s channels."""
         group = self.groups[g]
-        rows: list[str] = group["rows"]  # type: ignore[assignment]
-        size: int = group["size"]  # type: ignore[assignment]
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(f"model: BatchNorm {prefix!r} is not supported (use GroupNorm)")
         for attr in ("weight", "bias"):
             p = getattr(module, attr, None)
             if isinstance(p, nn.Parameter):
-                if p.shape[0] != size:
+                if p.shape[0] != group.size:
                     raise ValueError(
                         f"model: {prefix}.{attr} has {p.shape[0]} channels, group "
-                        f"{group['name']!r} has {size}"
+                        f"{group.name!r} has {group.size}"
                     )
-                rows.append(f"{prefix}.{attr}")
+                group.rows.append(f"{prefix}.{attr}")
         if isinstance(module, _LINEAR_CONV):
-            scored: list[str] = group["scored"]  # type: ignore[assignment]
-            scored.append(f"{prefix}.weight")
+            group.scored.append(f"{prefix}.weight")
         if isinstance(module, nn.GroupNorm):
-            unit = size // module.num_groups
-            group["unit"] = math.lcm(int(group["unit"]), unit)  # type: ignore[call-overload]
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            raise ValueError(f"model: BatchNorm {prefix!r} is not supported (use GroupNorm)")
+            group.unit = math.lcm(group.unit, group.size // module.num_groups)
 
     def consume(self, g: int | None, module: nn.Module, prefix: str, block: int = 1) -> None:
-        """``module`` reads group ``g``'s channels on its weight's dim 1."""
+        """Record that ``module`` reads group ``g``'s channels on its weight's dim 1."""
         if g is None:
             return
         group = self.groups[g]
         w = module.weight
         assert isinstance(w, Tensor)
-        if w.shape[1] != int(group["size"]) * block:  # type: ignore[call-overload]
+        if w.shape[1] != group.size * block:
             raise ValueError(
-                f"model: {prefix}.weight reads {w.shape[1]} inputs, group {group['name']!r} "
-                f"gives {group['size']} x {block}"
+                f"model: {prefix}.weight reads {w.shape[1]} inputs, group {group.name!r} "
+                f"gives {group.size} x {block}"
             )
-        cols: list[tuple[str, int]] = group["cols"]  # type: ignore[assignment]
-        cols.append((f"{prefix}.weight", block))
+        group.cols.append((f"{prefix}.weight", block))
 
     def graph(self) -> ChannelGraph:
+        """Return the finished graph."""
         groups = tuple(
-            ChannelGroup(
-                name=str(g["name"]),
-                size=int(g["size"]),  # type: ignore[call-overload]
-                unit=int(g["unit"]),  # type: ignore[call-overload]
-                rows=tuple(g["rows"]),  # type: ignore[call-overload]
-                cols=tuple(g["cols"]),  # type: ignore[call-overload]
-                scored=tuple(g["scored"]),  # type: ignore[call-overload]
-            )
+            ChannelGroup(g.name, g.size, g.unit, tuple(g.rows), tuple(g.cols), tuple(g.scored))
             for g in self.groups
         )
         return ChannelGraph(groups, self.shapes)
@@ -333,7 +336,7 @@ def _resnet_graph(model: nn.Module) -> ChannelGraph:
     assert isinstance(conv1, nn.Conv2d)
     stream = b.new("stream:conv1", conv1.out_channels)
     b.produce(stream, conv1, "conv1")
-    b.produce(stream, model.bn1, "bn1")
+    b.produce(stream, model.get_submodule("bn1"), "bn1")
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         for idx, block in enumerate(getattr(model, stage)):
             prefix = f"{stage}.{idx}"
@@ -352,7 +355,7 @@ def _resnet_graph(model: nn.Module) -> ChannelGraph:
                 b.produce(stream, ds_norm, f"{prefix}.downsample.1")
             b.produce(stream, block.conv2, f"{prefix}.conv2")
             b.produce(stream, block.bn2, f"{prefix}.bn2")
-    b.consume(stream, model.fc, "fc")
+    b.consume(stream, model.get_submodule("fc"), "fc")
     return b.graph()
 
 
@@ -410,7 +413,7 @@ def _kept_params(graph: ChannelGraph, kept: Mapping[str, int]) -> int:
 
 
 def kept_params(graph: ChannelGraph, mask: Mapping[str, npt.NDArray[np.bool_]]) -> int:
-    """Number of parameters a channel mask keeps (what the shrunk model has)."""
+    """Count the parameters a channel mask keeps (what the shrunk model has)."""
     return _kept_params(graph, {g.name: int(np.count_nonzero(mask[g.name])) for g in graph.groups})
 
 
@@ -458,7 +461,7 @@ def select_channels(
         rel = s / mean if mean > 0 else np.ones_like(s)
         unit_scores = rel.reshape(g.units, g.unit).sum(axis=1)
         unit_kept = k.reshape(g.units, g.unit).all(axis=1)
-        candidates.extend((float(unit_scores[u]), gi, u) for u in np.flatnonzero(unit_kept))
+        candidates.extend((float(unit_scores[u]), gi, int(u)) for u in np.flatnonzero(unit_kept))
     target = round(density * graph.num_params)
     kept = {g.name: int(np.count_nonzero(keep[g.name])) for g in graph.groups}
     for _, gi, u in sorted(candidates):
@@ -482,7 +485,7 @@ def reconcile_channels(
     threshold: float = 0.5,
     prior: Mapping[str, npt.NDArray[np.bool_]] | None = None,
 ) -> ChannelMask:
-    """Reconcile channel votes into one channel mask (the rules of :func:`fedprune.masks.reconcile`).
+    """Reconcile channel votes into one channel mask (the rules of :mod:`fedprune.masks`).
 
     ``"topk"``: votes are channel scores; their example-weighted sum (float64, canonical client
     order) is selected at parameter ``density`` by :func:`select_channels`. Mask rules: votes
@@ -501,7 +504,9 @@ def reconcile_channels(
         prior=None if prior is None else {n: np.asarray(prior[n]) for n in names},
     )
     for g in graph.groups:
-        m = result[g.name].reshape(g.units, g.unit).all(axis=1).repeat(g.unit)
+        m: npt.NDArray[np.bool_] = np.repeat(
+            result[g.name].reshape(g.units, g.unit).all(axis=1), g.unit
+        )
         if not m.any():
             share = np.zeros(g.size)
             for vote, w in zip(votes, weights, strict=True):
@@ -541,15 +546,15 @@ def expand(graph: ChannelGraph, mask: Mapping[str, npt.NDArray[np.bool_]]) -> Ch
     return out
 
 
-def channel_mask_of(
-    graph: ChannelGraph, masks: Mapping[str, npt.NDArray[np.bool_]]
-) -> ChannelMask:
-    """The channel mask that :func:`expand` turned into ``masks`` (a channel is kept if any
-    entry of its first producing tensor's row is)."""
+def channel_mask_of(graph: ChannelGraph, masks: Mapping[str, npt.NDArray[np.bool_]]) -> ChannelMask:
+    """Recover the channel mask that :func:`expand` turned into ``masks``.
+
+    A channel is kept if any entry of its row in the group's first producing tensor is.
+    """
     out: ChannelMask = {}
     for g in graph.groups:
         rows = np.asarray(masks[g.rows[0]], dtype=np.bool_).reshape(g.size, -1)
-        out[g.name] = rows.any(axis=1)
+        out[g.name] = np.asarray(rows.any(axis=1), dtype=np.bool_)
     return out
 
 
@@ -561,7 +566,8 @@ def check_channel_mask(graph: ChannelGraph, mask: Mapping[str, npt.NDArray[np.bo
     """
     if set(mask) != {g.name for g in graph.groups}:
         raise ValueError(
-            f"channel mask has groups {sorted(mask)}, expected {sorted(g.name for g in graph.groups)}"
+            f"channel mask has groups {sorted(mask)}, "
+            f"expected {sorted(g.name for g in graph.groups)}"
         )
     for g in graph.groups:
         m = np.asarray(mask[g.name])
@@ -731,3 +737,134 @@ def model_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
             h.remove()
         model.train(training)
     return total
+
+
+# -- one run's channel pruning (the server's and the clients' side) --------------------------
+
+
+@dataclass(frozen=True)
+class ChannelPruning:
+    """Channel pruning of one model: votes, reconciliation and masks as pure functions.
+
+    The global mask is kept, as everywhere else, as element masks over every parameter
+    (:func:`expand`); on the wire it is one bit per channel (:meth:`wire_mask`).
+
+    Parameters
+    ----------
+    graph : ChannelGraph
+        The model's graph (:func:`channel_graph`).
+    norm : {"l1", "l2"}
+        How weights score channels (magnitude pruning).
+    tolerance : float
+        How far a mask vote's parameter density may be from the scheduled one.
+    """
+
+    graph: ChannelGraph
+    norm: ChannelNorm = "l1"
+    tolerance: float = 0.05
+
+    def scores(
+        self, weights: Mapping[str, npt.NDArray[np.floating]]
+    ) -> dict[str, npt.NDArray[np.float32]]:
+        """Channel scores of a model's weights (``norm`` of each channel's rows)."""
+        return channel_scores(weights, self.graph, self.norm)
+
+    def initial_mask(
+        self, weights: Mapping[str, npt.NDArray[np.floating]], density: float
+    ) -> ChannelMask:
+        """Element masks of the initial model at ``density`` (all ones at 1.0)."""
+        return expand(self.graph, select_channels(self.graph, self.scores(weights), density))
+
+    def own_vote(
+        self,
+        scores: Mapping[str, npt.NDArray[np.floating]],
+        *,
+        rule: ReconcileRule,
+        density: float,
+        prior: Mapping[str, npt.NDArray[np.bool_]] | None,
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        """Return a client's vote from its channel scores: the scores (top-k) or a channel mask.
+
+        ``prior`` is the current global element mask; scores of removed channels are 0.
+        """
+        channel_prior = None if prior is None else channel_mask_of(self.graph, prior)
+        if rule == "topk":
+            if channel_prior is None:
+                return {k: np.asarray(v, dtype=np.float32) for k, v in scores.items()}
+            return {
+                k: np.where(channel_prior[k], v, np.float32(0.0)).astype(np.float32)
+                for k, v in scores.items()
+            }
+        return dict(select_channels(self.graph, scores, density, channel_prior))
+
+    def encode_vote(
+        self, vote: Mapping[str, npt.NDArray[np.generic]], rule: ReconcileRule
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        """Return the wire form of a vote: float32 scores, or one bit per channel."""
+        if rule == "topk":
+            return {keys.CHANNEL_SCORES: flatten(self.graph, vote).astype(np.float32)}
+        return {keys.CHANNEL_BITS: pack_channel_mask(self.graph, vote)}  # type: ignore[arg-type]
+
+    def read_vote(
+        self, arrays: Mapping[str, npt.NDArray[np.generic]], rule: ReconcileRule, density: float
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        """Decode and check a client's channel vote.
+
+        Raises
+        ------
+        ValueError
+            Wrong record layout, wrong length or dtype, non-finite or negative scores, padding
+            bits set, a split unit or an empty group, or a mask off the scheduled density.
+        """
+        want = keys.CHANNEL_SCORES if rule == "topk" else keys.CHANNEL_BITS
+        if set(arrays) != {want}:
+            raise ValueError(f"channel vote holds {sorted(arrays)}, expected [{want!r}]")
+        if rule != "topk":
+            return dict(
+                unpack_channel_mask(
+                    self.graph, arrays[keys.CHANNEL_BITS], density=density, tolerance=self.tolerance
+                )
+            )
+        flat = np.asarray(arrays[keys.CHANNEL_SCORES])
+        if flat.dtype != np.float32:
+            raise ValueError(f"channel scores must be float32, got {flat.dtype}")
+        if not np.all(np.isfinite(flat)) or bool((flat < 0).any()):
+            raise ValueError("channel scores must be finite and >= 0")
+        return unflatten(self.graph, flat, "channel scores")
+
+    def reconcile(
+        self,
+        votes: Sequence[Mapping[str, npt.NDArray[np.generic]]],
+        weights: Sequence[float],
+        *,
+        rule: ReconcileRule,
+        threshold: float,
+        density: float,
+        prior: Mapping[str, npt.NDArray[np.bool_]] | None,
+    ) -> ChannelMask:
+        """Reconcile channel votes into the new global element masks (monotone under prior)."""
+        channel_prior = None if prior is None else channel_mask_of(self.graph, prior)
+        mask = reconcile_channels(
+            self.graph,
+            votes,
+            weights,
+            rule=rule,
+            density=density,
+            threshold=threshold,
+            prior=channel_prior,
+        )
+        return expand(self.graph, mask)
+
+    def wire_mask(self, masks: Mapping[str, npt.NDArray[np.bool_]]) -> dict[str, np.ndarray]:
+        """Return the global mask's wire form: one bit per channel."""
+        return {
+            keys.CHANNEL_BITS: pack_channel_mask(self.graph, channel_mask_of(self.graph, masks))
+        }
+
+    def read_mask(self, arrays: Mapping[str, npt.NDArray[np.generic]]) -> ChannelMask:
+        """Element masks from the wire form of the global mask (:meth:`wire_mask`)."""
+        if set(arrays) != {keys.CHANNEL_BITS}:
+            raise ValueError(
+                f"channel mask holds {sorted(arrays)}, expected [{keys.CHANNEL_BITS!r}]"
+            )
+        return expand(self.graph, unpack_channel_mask(self.graph, arrays[keys.CHANNEL_BITS]))

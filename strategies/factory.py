@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedprune import keys
+from fedprune.channels import ChannelPruning
 from fedprune.config import RunConfig
 from fedprune.masks import ReconcileConfig
 from strategies.accounting import WireAccounting
@@ -101,7 +102,9 @@ class BuiltStrategy:
     masking: MaskReconciliation | None
 
 
-def build_strategy(cfg: RunConfig, *, prunable: Sequence[str]) -> BuiltStrategy:
+def build_strategy(
+    cfg: RunConfig, *, prunable: Sequence[str], channels: ChannelPruning | None = None
+) -> BuiltStrategy:
     """Compose the wrappers for ``cfg`` around its inner strategy.
 
     Parameters
@@ -110,6 +113,8 @@ def build_strategy(cfg: RunConfig, *, prunable: Sequence[str]) -> BuiltStrategy:
         The validated run configuration.
     prunable : Sequence[str]
         Names of the model's prunable tensors (Linear/Conv weights).
+    channels : ChannelPruning, optional
+        Channel pruning of the model (``prune-granularity = "channel"``).
     """
     inner = build_inner(cfg)
     if cfg.clip_update_norm > 0:
@@ -130,6 +135,7 @@ def build_strategy(cfg: RunConfig, *, prunable: Sequence[str]) -> BuiltStrategy:
             ),
             ReconcileConfig(rule=cfg.reconcile_rule, threshold=cfg.vote_threshold),
             server_scores=cfg.prune_method == "magnitude",
+            channels=channels,
         )
         inner = masking
     payload = CompressedPayload(

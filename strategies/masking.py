@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedprune import keys
+from fedprune.channels import ChannelPruning
 from fedprune.masks import ReconcileConfig, mask_density, reconcile
 from fedprune.pruning import polynomial_density
 from strategies.records import from_record, scalar, to_record
@@ -69,6 +70,10 @@ class MaskReconciliation(StrategyWrapper):
         Magnitude pruning: score each client by |w| of the model it sent (already decoded here)
         instead of asking it to upload scores or a mask — the same ranking, for no bytes.
         Sensitivity scores need the client's data, so they are uploaded as votes.
+    channels : ChannelPruning or None
+        Channel pruning (``prune-granularity = "channel"``): votes, reconciliation and the
+        downlink mask are per channel (:mod:`fedprune.channels`); ``self.mask`` stays the
+        expanded element mask over every parameter.
     """
 
     def __init__(
@@ -79,12 +84,14 @@ class MaskReconciliation(StrategyWrapper):
         reconcile_config: ReconcileConfig,
         *,
         server_scores: bool = False,
+        channels: ChannelPruning | None = None,
     ) -> None:
         super().__init__(strategy)
         self.prunable = list(prunable)
         self.schedule = schedule
         self.reconcile_config = reconcile_config
         self.server_scores = server_scores
+        self.channels = channels
         self.mask: dict[str, np.ndarray] | None = None
         self.version = 0
         self._round_density: dict[int, float] = {}
@@ -103,6 +110,10 @@ class MaskReconciliation(StrategyWrapper):
     def _initial_mask(self, arrays: ArrayRecord) -> None:
         """Magnitude top-k mask of the initial model at the initial density (all ones at 1.0)."""
         weights = from_record(arrays)
+        if self.channels is not None:  # channel hook
+            self.mask = self.channels.initial_mask(weights, self.schedule.initial)
+            self.version = 1
+            return
         scores = {name: np.abs(weights[name]) for name in self.prunable}
         config = ReconcileConfig(rule="topk", density=self.schedule.initial)
         self.mask = reconcile([scores], [1.0], config)
@@ -114,6 +125,10 @@ class MaskReconciliation(StrategyWrapper):
             record = to_record(self.mask)
             for message in out:
                 message.content[keys.GLOBAL_MASK] = record
+            if self.channels is not None:  # channel hook: one bit per channel on the wire
+                bits = to_record(self.channels.wire_mask(self.mask))
+                for message in out:
+                    message.content[keys.CHANNEL_MASK] = bits
         density = self._round_density.get(server_round)
         if density is None:
             density = self.density  # a pass over the whole mask: once, not per message
@@ -161,7 +176,17 @@ class MaskReconciliation(StrategyWrapper):
                 threshold=self.reconcile_config.threshold,
                 density=density,
             )
-            self.mask = reconcile(votes, weights, config, prior=self.mask)
+            if self.channels is not None:  # channel hook
+                self.mask = self.channels.reconcile(
+                    votes,
+                    weights,
+                    rule=config.rule,
+                    threshold=config.threshold,
+                    density=density,
+                    prior=self.mask,
+                )
+            else:
+                self.mask = reconcile(votes, weights, config, prior=self.mask)
             self.version += 1
             log(
                 INFO,
@@ -186,7 +211,11 @@ class MaskReconciliation(StrategyWrapper):
             content = reply.content
             if reply.has_error():
                 continue
-            if keys.MASK_VOTE in content.array_records:
+            if self.channels is not None:  # channel hook
+                vote = self._channel_vote(server_round, reply, density)
+                if vote is None:
+                    continue
+            elif keys.MASK_VOTE in content.array_records:
                 vote = from_record(content.array_records[keys.MASK_VOTE])
                 del content[keys.MASK_VOTE]
             elif self.server_scores and server_round in self._prunes:
@@ -201,6 +230,36 @@ class MaskReconciliation(StrategyWrapper):
             metrics = content.metric_records.get(keys.METRICS, MetricRecord())
             weights.append(scalar(metrics, keys.NUM_EXAMPLES, float))
         return votes, weights
+
+    def _channel_vote(
+        self, server_round: int, reply: Message, density: float
+    ) -> dict[str, np.ndarray] | None:
+        """Return a reply's channel vote (uploaded or scored here); ``None``: none or malformed."""
+        assert self.channels is not None
+        content = reply.content
+        rule = self.reconcile_config.rule
+        if keys.CHANNEL_VOTE in content.array_records:
+            raw = from_record(content.array_records[keys.CHANNEL_VOTE])
+            del content[keys.CHANNEL_VOTE]
+            try:
+                if server_round not in self._prunes or self.server_scores:
+                    raise ValueError("reply carries a channel vote that was not asked for")
+                return self.channels.read_vote(raw, rule, density)
+            except ValueError as err:
+                log(
+                    WARNING,
+                    "round %d: rejected channel vote from node %d: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    err,
+                )
+                return None
+        if self.server_scores and server_round in self._prunes:
+            model = from_record(content.array_records[keys.ARRAYS])
+            return self.channels.own_vote(
+                self.channels.scores(model), rule=rule, density=density, prior=self.mask
+            )
+        return None
 
     def _enforce(self, arrays: ArrayRecord) -> ArrayRecord:
         """Zero the entries of ``arrays`` that the global mask prunes."""

@@ -129,6 +129,9 @@ class CompressedPayload(StrategyWrapper):
             and self._node_mask_version.get(message.metadata.dst_node_id) != self._mask_version
             for message in messages
         }
+        # Channel pruning: the mask travels as one bit per channel (its own record), only to
+        # nodes without the current version; the payload then carries no element mask bits.
+        channel_bits = keys.CHANNEL_MASK in messages[0].content
         holds_ref = {
             node: base is not None and self._node_ref_version.get(node) == self._ref_version
             for node in sends_mask
@@ -179,10 +182,12 @@ class CompressedPayload(StrategyWrapper):
                 {
                     name: value
                     for name, value in message.content.items()
-                    if name not in (keys.ARRAYS, keys.GLOBAL_MASK, keys.CONFIG)
+                    if name not in (keys.ARRAYS, keys.GLOBAL_MASK, keys.CONFIG, keys.CHANNEL_MASK)
                 }
             )
-            content[keys.ARRAYS] = record(kind, sends_mask[node])
+            if channel_bits and sends_mask[node]:
+                content[keys.CHANNEL_MASK] = message.content[keys.CHANNEL_MASK]
+            content[keys.ARRAYS] = record(kind, sends_mask[node] and not channel_bits)
             content[keys.CONFIG] = node_config
             out.append(
                 Message(

@@ -74,10 +74,8 @@ def run(
     started = time.perf_counter()
     model = core.new_model(cfg)
     _, test = load_dataset(cfg.dataset)
-    built = build_strategy(
-        cfg,
-        prunable=prunable_names(model),
-    )
+    channels = core.channel_pruning(cfg, model)
+    built = build_strategy(cfg, prunable=prunable_names(model), channels=channels)
     built.strategy.on_round_end = on_round_end
     directory = Path(cfg.results_dir) / cfg.run_name
     checkpoint_file = checkpoint_dir(cfg.results_dir, cfg.run_name) / SERVER_FILE
