@@ -50,6 +50,12 @@ class RunSummary:
     compact_accuracy: float
     round_wall_s: list[float]
     config: dict[str, Any]
+    params_compact: int = 0
+    """Parameters of the exported network (fewer only with channel pruning)."""
+    macs_per_example: int = 0
+    """Multiply-accumulates of the exported network for one example."""
+    latency_ms_per_example: float = 0.0
+    """Median CPU latency of the exported network for one example (batch 1, one thread)."""
 
     @property
     def bytes_total(self) -> int:
@@ -65,6 +71,10 @@ def summarize(
     wall_s: float,
     model_bytes_compact: int,
     compact_accuracy: float,
+    *,
+    params_compact: int = 0,
+    macs_per_example: int = 0,
+    latency_ms_per_example: float = 0.0,
 ) -> RunSummary:
     """Fold per-round records into a :class:`RunSummary`."""
     if not records:
@@ -86,6 +96,9 @@ def summarize(
         compact_accuracy=compact_accuracy,
         round_wall_s=[r.wall_s for r in records],
         config=config,
+        params_compact=params_compact,
+        macs_per_example=macs_per_example,
+        latency_ms_per_example=latency_ms_per_example,
     )
 
 
