@@ -428,3 +428,104 @@ def test_channel_pruned_run_end_to_end(tmp_path: Path, method: str, rule: str) -
     assert sum(p.numel() for p in small.parameters()) == summary.params_compact
     _, test = load_dataset("digits")
     assert core.evaluate(small, test)[1] == summary.compact_accuracy
+
+
+# -- the server hook on real Flower messages -------------------------------------------------
+
+
+def _strategy_setup() -> tuple[Any, ch.ChannelPruning, dict[str, np.ndarray]]:
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedprune.masks import ReconcileConfig
+    from strategies.masking import DensitySchedule, MaskReconciliation
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    plan = ch.ChannelPruning(ch.channel_graph(model))
+    masking = MaskReconciliation(
+        FedAvg(min_available_nodes=3, min_train_nodes=3),
+        ["0.weight", "2.weight"],
+        DensitySchedule(initial=1.0, final=0.5, start_round=1, end_round=1),
+        ReconcileConfig(rule="majority"),
+        server_scores=False,
+        channels=plan,
+    )
+    return masking, plan, get_weights(model)
+
+
+def _channel_replies(
+    sent: list[Any], weights: dict[str, np.ndarray], votes: list[Any]
+) -> list[Any]:
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from strategies.records import to_record
+
+    out = []
+    for message, (vote, n) in zip(sent, votes, strict=True):
+        content = RecordDict(
+            {keys.ARRAYS: to_record(weights), keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n})}
+        )
+        if vote is not None:
+            content[keys.CHANNEL_VOTE] = to_record(vote)
+        out.append(Message(content=content, reply_to=message))
+    return out
+
+
+def test_server_hook_reconciles_channel_votes_and_drops_malformed_ones() -> None:
+    from flwr.app import ConfigRecord
+
+    from strategies.records import to_record
+    from tests.support import StaticGrid, server_task_identity
+
+    def vote(kept: list[int]) -> dict[str, np.ndarray]:
+        mask = {"0.weight": np.isin(np.arange(8), kept)}
+        return plan.encode_vote(mask, "majority")
+
+    with server_task_identity():
+        _, plan, _ = _strategy_setup()
+        half = [0, 1, 2, 3]  # 4 of 8 hidden units: (4*4 + 4 + 3*4) + 3 = 35 of 67 params
+        good = [(vote(half), 5), (vote([0, 1, 2, 4]), 3)]
+        bad_len = {keys.CHANNEL_BITS: np.zeros(2, np.uint8)}  # 8 channels fit in 1 byte
+        masks = []
+        for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+            masking, plan, weights = _strategy_setup()
+            sent = list(
+                masking.configure_train(
+                    1, to_record(weights), ConfigRecord(), StaticGrid([1, 2, 3])
+                )
+            )
+            assert all(keys.CHANNEL_MASK in m.content for m in sent)
+            ballots = [*good, (bad_len, 9)]
+            replies = _channel_replies(sent, weights, [ballots[i] for i in order])
+            masking.aggregate_train(1, replies)
+            assert masking.mask is not None and masking.version == 2
+            masks.append(ch.channel_mask_of(plan.graph, masking.mask)["0.weight"])
+        # The malformed vote (its weight 9 would win) is dropped; the 5-example vote wins.
+        for m in masks:
+            assert m.tolist() == np.isin(np.arange(8), [0, 1, 2, 3]).tolist()
+
+
+def test_payload_sends_channel_bits_instead_of_element_mask_bits() -> None:
+    from flwr.app import ConfigRecord
+
+    from strategies.payload import CompressedPayload
+    from strategies.records import from_record, to_record
+    from tests.support import StaticGrid, server_task_identity
+
+    with server_task_identity():
+        masking, plan, weights = _strategy_setup()
+        masking.schedule = type(masking.schedule)(
+            initial=0.5, final=0.5, start_round=1, end_round=1
+        )
+        payload = CompressedPayload(masking, codec.CodecConfig(quant="int8-channel"))
+        sent = list(
+            payload.configure_train(1, to_record(weights), ConfigRecord(), StaticGrid([1, 2, 3]))
+        )
+        for message in sent:
+            arrays = from_record(message.content.array_records[keys.ARRAYS])
+            assert codec.payload_masks(arrays) == {}
+            bits = from_record(message.content.array_records[keys.CHANNEL_MASK])
+            assert bits[keys.CHANNEL_BITS].nbytes == 1  # 8 hidden channels, one bit each
+            decoded = codec.decode(arrays, masks=plan.read_mask(bits))
+            assert masking.mask is not None
+            for name, keep in masking.mask.items():
+                assert np.all(decoded[name][~keep] == 0.0)
