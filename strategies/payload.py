@@ -146,7 +146,9 @@ class CompressedPayload(StrategyWrapper):
         if any(holds_ref.values()):
             assert base is not None
             tensors = {k: g - base[k] for k, g in self._global.items()}
-            for send_masks in {sends_mask[n] for n, held in holds_ref.items() if held}:
+            for send_masks in {
+                sends_mask[n] and not channel_bits for n, held in holds_ref.items() if held
+            }:
                 delta_payloads[send_masks] = codec.encode(
                     tensors, self.update_codec, masks=self._masks, send_masks=send_masks
                 )

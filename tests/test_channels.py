@@ -401,8 +401,17 @@ def test_digits_shape_is_what_the_graph_needs() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "rule"), [("magnitude", "topk"), ("sensitivity", "majority")])
-def test_channel_pruned_run_end_to_end(tmp_path: Path, method: str, rule: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "rule", "extra"),
+    [
+        # Round 3's downlink is a top-k delta to nodes that lack the new mask: channel bits only.
+        ("magnitude", "topk", {"delta_downlink": True, "update_topk": 0.25}),
+        ("sensitivity", "majority", {}),
+    ],
+)
+def test_channel_pruned_run_end_to_end(
+    tmp_path: Path, method: str, rule: str, extra: dict[str, Any]
+) -> None:
     from simulations.simulate import simulate
     from strategies.server_app import MODEL_FILE
 
@@ -416,7 +425,7 @@ def test_channel_pruned_run_end_to_end(tmp_path: Path, method: str, rule: str) -
         prune_granularity="channel",
         prune_method=method,  # type: ignore[arg-type]
         reconcile_rule=rule,  # type: ignore[arg-type]
-    )
+    ).replace(**extra)
     summary = simulate(cfg, num_supernodes=2, num_cpus=2)
     model = core.new_model(cfg)
     plan = core.channel_pruning(cfg, model)
