@@ -140,23 +140,32 @@ def receive(
     """Return the downlink's float32 weights and the global mask (``None`` if dense)."""
     if not cfg.compressed:
         return from_record(msg.content.array_records[keys.ARRAYS]), None
-    return decode_downlink(msg, context)
+    return decode_downlink(msg, context, cfg)
 
 
 def decode_downlink(
-    msg: Message, context: Context
+    msg: Message, context: Context, cfg: RunConfig | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """Decode a compressed downlink into float32 weights and the global mask (``None``: dense).
 
     The mask comes from the payload when the server sent its bits, else from the node's cache
     (``context.state``). A ``delta`` downlink is added to the reference model the node kept from
     the last round (with newly pruned entries zeroed); the result becomes the new reference.
-    Used by the fedprune ClientApp and by :func:`clients.mod.compression_mod`.
+    Used by the fedprune ClientApp and by :func:`clients.mod.compression_mod`; a channel mask
+    (``channel-mask``) needs the run's config (``cfg``) to rebuild the model's channel graph.
     """
     arrays = from_record(msg.content.array_records[keys.ARRAYS])
     config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
     mask_version = scalar(config, keys.MASK_VERSION, int, 0)
     masks: dict[str, np.ndarray] | None = codec.payload_masks(arrays) or None
+    channel_record = msg.content.array_records.get(keys.CHANNEL_MASK)
+    if channel_record is not None:  # channel pruning: one bit per channel, expanded here
+        if cfg is None:
+            raise ValueError(f"'{keys.CHANNEL_MASK}' received, but channel pruning needs a config")
+        plan = task.channel_pruning(cfg, task.new_model(cfg, data_dir(context)), data_dir(context))
+        if plan is None:
+            raise ValueError(f"'{keys.CHANNEL_MASK}' received, but prune-granularity is element")
+        masks = plan.read_mask(from_record(channel_record))
     if masks is not None:
         _store(context, keys.STATE_MASK, mask_version, masks)
     elif mask_version > 0:
@@ -276,7 +285,22 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         }
     )
     kind = scalar(config, keys.VOTE, str, "none")
-    if kind != "none":
+    plan = task.channel_pruning(cfg, model, root)
+    if kind != "none" and plan is not None:
+        set_weights(model, result.weights)
+        content[keys.CHANNEL_VOTE] = to_record(
+            task.channel_vote(
+                cfg,
+                plan,
+                model,
+                data,
+                density=scalar(config, keys.DENSITY, float),
+                masks=torch_masks,
+                node_seed=partition_id,
+                server_round=server_round,
+            )
+        )
+    elif kind != "none":
         set_weights(model, result.weights)
         ballot = task.vote(
             cfg,

@@ -30,6 +30,8 @@ InnerStrategyName = Literal[
 ]
 OptimizerName = Literal["sgd", "adam"]
 PruneMethod = Literal["magnitude", "sensitivity"]
+PruneGranularity = Literal["element", "channel"]
+ChannelNormName = Literal["l1", "l2"]
 
 
 RESUMABLE_KEYS = frozenset({"resume", "num-server-rounds"})
@@ -92,6 +94,11 @@ class RunConfig:
     prune_end_round: int = 5
     reconcile_rule: ReconcileRule = "topk"
     vote_threshold: float = 0.5
+    # Channel pruning: "channel" removes whole output channels (filters / neurons) and every
+    # parameter that depends on them, scored by the channel-norm of their weights (magnitude) or
+    # by summed |w * dL/dw| (sensitivity); target-density is then a fraction of all parameters.
+    prune_granularity: PruneGranularity = "element"
+    channel_norm: ChannelNormName = "l1"
     # Payload codec
     quant: QuantMode = "int8-channel"
     entropy: bool = True
@@ -215,6 +222,11 @@ class RunConfig:
             )
             _check(self.update_topk == 1.0, "update-topk", "needs strategy='compressed'")
             _check(not self.delta_downlink, "delta-downlink", "needs strategy='compressed'")
+            _check(
+                self.prune_granularity == "element",
+                "prune-granularity",
+                "channel pruning needs strategy='compressed'",
+            )
         if self.dp:
             _check(self.max_grad_norm > 0.0, "max-grad-norm", "must be > 0 when dp is on")
             _check(0.0 < self.target_delta < 1.0, "target-delta", "must be in (0, 1)")

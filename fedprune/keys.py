@@ -16,6 +16,14 @@ METRICS: Final = "metrics"
 """MetricRecord: a client's reply metrics."""
 MASK_VOTE: Final = "mask-vote"
 """ArrayRecord: a client's proposed mask (bool) or scores (float32) for reconciliation."""
+# Channel pruning (prune-granularity = "channel"): one flat vector over the model's channel
+# groups in graph order (fedprune.channels.flatten).
+CHANNEL_MASK: Final = "channel-mask"
+"""ArrayRecord {CHANNEL_BITS}: the global channel mask, one bit per channel (downlink)."""
+CHANNEL_VOTE: Final = "channel-vote"
+"""ArrayRecord {CHANNEL_BITS} (mask rules) or {CHANNEL_SCORES} (top-k): a client's channel vote."""
+CHANNEL_BITS: Final = "bits"
+CHANNEL_SCORES: Final = "scores"
 
 # -- Config keys (server -> client) ----------------------------------------------------------
 SERVER_ROUND: Final = "server-round"

@@ -50,7 +50,14 @@ from typing import Literal, get_args
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["ReconcileConfig", "ReconcileRule", "mask_density", "reconcile", "topk_flat"]
+__all__ = [
+    "ReconcileConfig",
+    "ReconcileRule",
+    "mask_density",
+    "reconcile",
+    "topk_flat",
+    "weighted_score_sum",
+]
 
 ReconcileRule = Literal["majority", "intersection", "union", "topk"]
 """How client votes become the global mask (see the module docstring)."""
@@ -346,6 +353,50 @@ def _topk(
         acc[~allowed] = -np.inf
     keep = topk_flat(acc, k)
     return {name: keep[sl].reshape(shapes[name]) for name, sl in zip(names, views, strict=True)}
+
+
+def weighted_score_sum(
+    votes: Sequence[Mapping[str, npt.NDArray[np.generic]]],
+    weights: Sequence[float] | npt.NDArray[np.number],
+    names: Sequence[str],
+) -> dict[str, npt.NDArray[np.float64]]:
+    """Example-weighted sum of score votes, bit-identical for any order of the votes.
+
+    The terms are summed in float64 in the canonical client order (ascending weight, then a
+    digest of the client's scores), as rule ``"topk"`` of :func:`reconcile` does.
+
+    Parameters
+    ----------
+    votes : Sequence[Mapping[str, numpy.ndarray]]
+        One ``name -> finite scores`` per client, over (at least) ``names``, same shapes.
+    weights : Sequence[float] or numpy.ndarray
+        One positive, finite weight per vote.
+    names : Sequence[str]
+        The score tensors to sum.
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        ``name -> float64 weighted sum``, in the order of ``names``.
+
+    Raises
+    ------
+    ValueError
+        If there are no votes, the weights are not one positive finite number per vote, or a
+        vote lacks a name, has another shape or holds non-finite or non-float scores.
+    """
+    if len(votes) == 0:
+        raise ValueError("votes must not be empty")
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or w.shape[0] != len(votes) or not np.all(np.isfinite(w) & (w > 0.0)):
+        raise ValueError(f"weights must be one positive finite number per vote, got {w.tolist()}")
+    _check_votes([{n: v[n] for n in names if n in v} for v in votes], "topk")
+    order = sorted(names)
+    out = {n: np.zeros(np.shape(votes[0][n]), dtype=np.float64) for n in names}
+    for i in _canonical_order(votes, w, order):
+        for n in order:
+            out[n] += np.multiply(votes[i][n], w[i], dtype=np.float64)
+    return {n: out[n] for n in names}
 
 
 def topk_flat(scores: npt.NDArray[np.floating], k: int) -> npt.NDArray[np.bool_]:

@@ -72,6 +72,12 @@ class RunSummary:
     num_rejected: int = 0
     rejections: dict[str, list[str]] | None = None
     """Per round (as a string key) with any rejection: the reasons."""
+    params_compact: int = 0
+    """Parameters of the exported network (fewer only with channel pruning)."""
+    macs_per_example: int = 0
+    """Multiply-accumulates of the exported network for one example."""
+    latency_ms_per_example: float = 0.0
+    """Median CPU latency of the exported network for one example (batch 1, one thread)."""
 
     @property
     def bytes_total(self) -> int:
@@ -87,6 +93,10 @@ def summarize(
     wall_s: float,
     model_bytes_compact: int,
     compact_accuracy: float,
+    *,
+    params_compact: int = 0,
+    macs_per_example: int = 0,
+    latency_ms_per_example: float = 0.0,
 ) -> RunSummary:
     """Fold per-round records into a :class:`RunSummary`."""
     if not records:
@@ -111,6 +121,9 @@ def summarize(
         num_failed=sum(r.num_failed for r in records),
         num_rejected=sum(len(r.rejections) for r in records),
         rejections={str(r.round): list(r.rejections) for r in records if r.rejections},
+        params_compact=params_compact,
+        macs_per_example=macs_per_example,
+        latency_ms_per_example=latency_ms_per_example,
     )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedprune.channels import ChannelPruning, channel_graph, channel_scores
 from fedprune.config import RunConfig
 from fedprune.data import ArrayDataset, client_data, load_dataset, partition
 from fedprune.distill import DistillPair, mutual_distillation_loss
@@ -45,6 +46,16 @@ def new_model(cfg: RunConfig, root: str | None = None) -> nn.Module:
         num_classes=train.num_classes,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
+
+
+def channel_pruning(
+    cfg: RunConfig, model: nn.Module, root: str | None = None
+) -> ChannelPruning | None:
+    """Return the run's channel pruning for ``model`` (``None`` unless granularity is channel)."""
+    if cfg.prune_granularity != "channel":
+        return None
+    train, _ = load_dataset(cfg.dataset, root=root)
+    return ChannelPruning(channel_graph(model, train.input_shape), cfg.channel_norm)
 
 
 def new_teacher(
@@ -307,3 +318,35 @@ def vote(
         return {name: torch.where(masks[name], scores[name], 0.0).float().numpy() for name in names}
     mask = compute_mask(scores, density, scope="global", prior=masks)
     return {name: m.numpy() for name, m in mask.items()}
+
+
+def channel_vote(
+    cfg: RunConfig,
+    plan: ChannelPruning,
+    model: nn.Module,
+    data: ArrayDataset,
+    *,
+    density: float,
+    masks: TorchMasks | None,
+    node_seed: int,
+    server_round: int,
+) -> dict[str, np.ndarray]:
+    """Return the wire form of this client's channel vote at parameter ``density``.
+
+    Channels are scored by the ``channel-norm`` of their weights in the locally trained model
+    (magnitude; under DP these are DP-trained weights, so the vote is post-processing) or by the
+    summed ``|w * dL/dw|`` of their rows over a few batches (sensitivity). Rule ``"topk"`` sends
+    the scores, the mask rules this client's channel mask (one bit per channel).
+    """
+    if cfg.prune_method == "sensitivity":
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, node_seed, server_round, 1))
+        loader = data.to_loader(cfg.batch_size, shuffle=True, generator=generator)
+        batches = [batch for _, batch in zip(range(4), loader, strict=False)]
+        names = sorted({n for g in plan.graph.groups for n in g.scored})
+        element = sensitivity_scores(model, nn.CrossEntropyLoss(), batches, names)
+        scores = channel_scores({n: t.numpy() for n, t in element.items()}, plan.graph, "l1")
+    else:
+        scores = plan.scores(get_weights(model))
+    prior = None if masks is None else {n: m.numpy() for n, m in masks.items()}
+    ballot = plan.own_vote(scores, rule=cfg.reconcile_rule, density=density, prior=prior)
+    return plan.encode_vote(ballot, cfg.reconcile_rule)

@@ -31,6 +31,9 @@ SUMMARY_COLUMNS = (
     "wall_s",
     "density",
     "model_bytes_compact",
+    "params_compact",
+    "macs_per_example",
+    "latency_ms_per_example",
 )
 
 Cell = str | int | float | None
@@ -94,6 +97,9 @@ def summary_rows(
                 "wall_s": round(s.wall_s, 1),
                 "density": round(s.density, 4),
                 "model_bytes_compact": s.model_bytes_compact,
+                "params_compact": s.params_compact,
+                "macs_per_example": s.macs_per_example,
+                "latency_ms_per_example": round(s.latency_ms_per_example, 3),
             }
         )
     return rows

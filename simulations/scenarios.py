@@ -159,4 +159,32 @@ SCENARIOS: dict[str, Scenario] = {
         },
         rows=(*_rows(prune_end=4, dp_epsilon=8.0), *_distill_rows(prune_end=4)),
     ),
+    # Channel pruning (issue 17): one seed, few rounds, 3 of 10 clients per round (CPU-sized).
+    "fashion-mnist-cnn-channels": Scenario(
+        name="fashion-mnist-cnn-channels",
+        description="Fashion-MNIST, 10 clients (3 per round), Dirichlet 0.5, CNN 32-64",
+        num_clients=10,
+        target_accuracy=0.80,
+        base={
+            "dataset": "fashion-mnist",
+            "model": "cnn",
+            "partitioning": "dirichlet",
+            "alpha": 0.5,
+            "num-server-rounds": 6,
+            "fraction-train": 0.3,
+            "min-train-nodes": 3,
+            "local-epochs": 1,
+            "batch-size": 32,
+            "lr": 0.05,
+            "momentum": 0.0,
+            "error-feedback": True,
+            "seed": 0,
+        },
+        rows=(
+            Row(FEDAVG, _DENSE_FP32),
+            Row("dense-int8-zlib", {"quant": "int8-channel", "target-density": 1.0}),
+            Row("d0.3-element-int8-zlib", _d03_int8(3)),
+            Row("d0.3-channel-int8-zlib", {**_d03_int8(3), "prune-granularity": "channel"}),
+        ),
+    ),
 }

@@ -96,6 +96,11 @@ class Downlink:
             and self._node_mask_version.get(message.metadata.dst_node_id) != state.mask_version
             for message in messages
         }
+        # Channel pruning: the mask travels as one bit per channel (its own record, computed
+        # once), only to nodes without the current version; payloads then carry no mask bits.
+        channel_bits: ArrayRecord | None = None
+        if masks is not None and state.channels is not None:
+            channel_bits = to_record(state.channels.wire_mask(masks))
         holds_ref = {
             node: base is not None and self._node_ref_version.get(node) == self._ref_version
             for node in sends_mask
@@ -112,7 +117,10 @@ class Downlink:
             tensors = {k: g - base[k] for k, g in state.weights.items()}
             for send_masks in {sends_mask[n] for n, held in holds_ref.items() if held}:
                 delta_payloads[send_masks] = codec.encode(
-                    tensors, self.update_codec, masks=masks, send_masks=send_masks
+                    tensors,
+                    self.update_codec,
+                    masks=masks,
+                    send_masks=send_masks and channel_bits is None,
                 )
             change = codec.decode(next(iter(delta_payloads.values())), masks=masks)
             weights = {k: base[k] + change[k] for k in base}
@@ -128,7 +136,10 @@ class Downlink:
                     payload = delta_payloads[send_masks]
                 else:
                     payload = codec.encode(
-                        weights, self.codec_config, masks=masks, send_masks=send_masks
+                        weights,
+                        self.codec_config,
+                        masks=masks,
+                        send_masks=send_masks and channel_bits is None,
                     )
                     weights_payload = payload
                 records[kind, send_masks] = to_record(payload)
@@ -155,6 +166,8 @@ class Downlink:
                 }
             )
             content[keys.ARRAYS] = record(kind, sends_mask[node])
+            if channel_bits is not None and sends_mask[node]:
+                content[keys.CHANNEL_MASK] = channel_bits
             content[keys.CONFIG] = node_config
             out.append(
                 Message(

@@ -30,6 +30,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from boundary.records import scalar
 from fedprune import keys
+from fedprune.channels import ChannelPruning
 from fedprune.config import RunConfig
 from fedprune.masks import ReconcileConfig
 from strategies.accounting import WireAccounting
@@ -99,7 +100,9 @@ class BuiltStrategy:
     masking: MaskPolicy | None
 
 
-def build_strategy(cfg: RunConfig, *, prunable: Sequence[str]) -> BuiltStrategy:
+def build_strategy(
+    cfg: RunConfig, *, prunable: Sequence[str], channels: ChannelPruning | None = None
+) -> BuiltStrategy:
     """Compose the wrappers for ``cfg`` around its inner strategy.
 
     Parameters
@@ -108,6 +111,8 @@ def build_strategy(cfg: RunConfig, *, prunable: Sequence[str]) -> BuiltStrategy:
         The validated run configuration.
     prunable : Sequence[str]
         Names of the model's prunable tensors (Linear/Conv weights).
+    channels : ChannelPruning, optional
+        Channel pruning of the model (``prune-granularity = "channel"``).
     """
     inner = build_inner(cfg)
     if cfg.fraction_train < 1.0:  # reproducible: by partition id and seed (strategies/sampling.py)
@@ -135,6 +140,7 @@ def build_strategy(cfg: RunConfig, *, prunable: Sequence[str]) -> BuiltStrategy:
             ),
             ReconcileConfig(rule=cfg.reconcile_rule, threshold=cfg.vote_threshold),
             server_scores=cfg.prune_method == "magnitude",
+            channels=channels,
         )
     fedprune = FedPrune(
         inner,

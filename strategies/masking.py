@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from flwr.supercore import log
 
+from fedprune import keys
+from fedprune.channels import ChannelPruning
 from fedprune.masks import ReconcileConfig, mask_density, reconcile
 from fedprune.pruning import polynomial_density
 from strategies.replies import TrainReply
@@ -63,6 +65,10 @@ class MaskPolicy:
         Magnitude pruning: score each client by |w| of the model it sent (already decoded
         here) instead of asking it to upload scores or a mask — the same ranking, for no
         bytes. Sensitivity scores need the client's data, so they are uploaded as votes.
+    channels : ChannelPruning, optional
+        Channel pruning (``prune-granularity = "channel"``): votes, reconciliation and the
+        downlink mask are per channel (:mod:`fedprune.channels`); :attr:`mask` stays the
+        expanded element mask over every parameter.
     """
 
     def __init__(
@@ -72,11 +78,13 @@ class MaskPolicy:
         reconcile_config: ReconcileConfig,
         *,
         server_scores: bool = False,
+        channels: ChannelPruning | None = None,
     ) -> None:
         self.prunable = list(prunable)
         self.schedule = schedule
         self.reconcile_config = reconcile_config
         self.server_scores = server_scores
+        self.channels = channels
         self.mask: dict[str, np.ndarray] | None = None
         self.version = 0
         self._density = 1.0
@@ -85,6 +93,11 @@ class MaskPolicy:
     def vote_kind(self) -> str:
         """What a client sends as its vote: scores for top-k, a mask otherwise."""
         return "scores" if self.reconcile_config.rule == "topk" else "mask"
+
+    @property
+    def vote_record(self) -> str:
+        """The record a client's vote travels in."""
+        return keys.MASK_VOTE if self.channels is None else keys.CHANNEL_VOTE
 
     @property
     def density(self) -> float:
@@ -104,9 +117,12 @@ class MaskPolicy:
         density (all ones at 1.0).
         """
         if self.mask is None:
-            scores = {name: np.abs(weights[name]) for name in self.prunable}
-            config = ReconcileConfig(rule="topk", density=self.schedule.initial)
-            self._set_mask(reconcile([scores], [1.0], config))
+            if self.channels is not None:
+                self._set_mask(self.channels.initial_mask(weights, self.schedule.initial))
+            else:
+                scores = {name: np.abs(weights[name]) for name in self.prunable}
+                config = ReconcileConfig(rule="topk", density=self.schedule.initial)
+                self._set_mask(reconcile([scores], [1.0], config))
             self.version = 1
         target = self.schedule(server_round)
         return target, target < self.density - 1e-12
@@ -121,6 +137,14 @@ class MaskPolicy:
         """Return ``reply``'s vote: the one it sent, or the magnitude scores of its model."""
         if reply.vote is not None:
             return reply.vote
+        if self.channels is not None:
+            model = {name: w + reply.update[name] for name, w in weights.items()}
+            return self.channels.own_vote(
+                self.channels.scores(model),
+                rule=self.reconcile_config.rule,
+                density=density,
+                prior=self.mask,
+            )
         vote = {name: np.abs(weights[name] + reply.update[name]) for name in self.prunable}
         if self.reconcile_config.rule != "topk":  # the client's own top-k mask
             own = ReconcileConfig(rule="topk", density=density)
@@ -135,12 +159,15 @@ class MaskPolicy:
         density: float,
     ) -> None:
         """Reconcile ``votes`` (example-weighted) into the new global mask at ``density``."""
-        config = ReconcileConfig(
-            rule=self.reconcile_config.rule,
-            threshold=self.reconcile_config.threshold,
-            density=density,
-        )
-        self._set_mask(reconcile(list(votes), list(weights), config, prior=self.mask))
+        rule, threshold = self.reconcile_config.rule, self.reconcile_config.threshold
+        if self.channels is not None:
+            mask = self.channels.reconcile(
+                votes, weights, rule=rule, threshold=threshold, density=density, prior=self.mask
+            )
+        else:
+            config = ReconcileConfig(rule=rule, threshold=threshold, density=density)
+            mask = reconcile(list(votes), list(weights), config, prior=self.mask)
+        self._set_mask(mask)
         self.version += 1
         log(
             INFO,

@@ -215,7 +215,7 @@ def read_train_reply(
     """
     expected = [keys.ARRAYS, keys.METRICS]
     if state.vote_kind != "none":
-        expected.append(keys.MASK_VOTE)
+        expected.append(state.vote_record)
     _check_form(reply, MessageType.TRAIN, expected)
     content = reply.content
     num_examples, metrics = _read_metrics(content, state.server_round, max_num_examples)
@@ -226,8 +226,11 @@ def read_train_reply(
         update = _plain_update(arrays, state.weights)
     vote = None
     if state.vote_kind != "none":
-        raw = read_record(content[keys.MASK_VOTE], max_bytes=state.max_reply_bytes)
-        vote = decode_vote(raw, state)
+        raw = read_record(content[state.vote_record], max_bytes=state.max_reply_bytes)
+        if state.channels is not None:
+            vote = state.channels.read_vote(raw, state.vote_rule, state.density)  # type: ignore[arg-type]
+        else:
+            vote = decode_vote(raw, state)
     return TrainReply(reply.metadata.src_node_id, num_examples, update, metrics, vote)
 
 

@@ -21,6 +21,7 @@ from flwr.supercore import log
 
 from boundary.records import from_record, scalar, to_record
 from fedprune import keys, task
+from fedprune.channels import channel_mask_of, shrink
 from fedprune.checkpoint import (
     SERVER_FILE,
     checkpoint_dir,
@@ -32,7 +33,7 @@ from fedprune.checkpoint import (
 )
 from fedprune.config import ConfigError, RunConfig
 from fedprune.data import load_dataset
-from fedprune.export import load_compact, save_compact
+from fedprune.export import footprint, load_compact, load_shrunk, save_compact, save_shrunk
 from fedprune.models import get_weights, set_weights
 from fedprune.pruning import prunable_names
 from fedprune.results import RoundRecord, RunSummary, summarize, write_run
@@ -74,10 +75,8 @@ def run(
     started = time.perf_counter()
     model = task.new_model(cfg)
     _, test = load_dataset(cfg.dataset)
-    built = build_strategy(
-        cfg,
-        prunable=prunable_names(model),
-    )
+    channels = task.channel_pruning(cfg, model)
+    built = build_strategy(cfg, prunable=prunable_names(model), channels=channels)
     built.strategy.on_round_end = on_round_end
     directory = run_dir(cfg.results_dir, cfg.run_name)
     checkpoint_file = checkpoint_dir(cfg.results_dir, cfg.run_name) / SERVER_FILE
@@ -149,9 +148,17 @@ def run(
     wall_s = elapsed + time.perf_counter() - started
     # The compact export is read back and evaluated: the accuracy it reports is the file's.
     masks = built.masking.mask if built.masking is not None else None
-    model_bytes = save_compact(directory / MODEL_FILE, from_record(arrays), masks)
-    set_weights(model, load_compact(directory / MODEL_FILE))
-    _, compact_accuracy = task.evaluate(model, test)
+    set_weights(model, from_record(arrays))
+    if channels is not None and masks is not None:  # the physically smaller network
+        small = shrink(model, channels.graph, channel_mask_of(channels.graph, masks))
+        model_bytes = save_shrunk(directory / MODEL_FILE, small, channels, masks)
+        exported = load_shrunk(directory / MODEL_FILE, model, channels)
+    else:
+        model_bytes = save_compact(directory / MODEL_FILE, from_record(arrays), masks)
+        set_weights(model, load_compact(directory / MODEL_FILE))
+        exported = model
+    _, compact_accuracy = task.evaluate(exported, test)
+    cost = footprint(exported, test.input_shape)
     summary = summarize(
         cfg.run_name,
         dict(cfg.to_mapping()),
@@ -160,6 +167,9 @@ def run(
         wall_s=wall_s,
         model_bytes_compact=model_bytes,
         compact_accuracy=compact_accuracy,
+        params_compact=cost.params,
+        macs_per_example=cost.macs_per_example,
+        latency_ms_per_example=cost.latency_ms_per_example,
     )
     write_run(directory, records, summary)
     return summary

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedprune import keys
+from fedprune.channels import ChannelPruning
+
 
 @dataclass
 class RoundState:
@@ -30,6 +33,12 @@ class RoundState:
         The scheduled density of this round (what a mask vote must keep).
     vote_kind : {"none", "mask", "scores"}
         What a train reply must carry as its mask vote.
+    vote_record : str
+        The record that vote travels in (``mask-vote``, or ``channel-vote``).
+    vote_rule : str
+        The reconciliation rule (channel votes are read by it).
+    channels : ChannelPruning, optional
+        Channel pruning: the mask travels as one bit per channel, votes are per channel.
     """
 
     server_round: int
@@ -38,6 +47,9 @@ class RoundState:
     mask_version: int = 0
     density: float = 1.0
     vote_kind: str = "none"
+    vote_record: str = keys.MASK_VOTE
+    vote_rule: str = "topk"
+    channels: ChannelPruning | None = None
     shapes: dict[str, tuple[int, ...]] = field(init=False)
     """The model's tensor names and shapes, in order."""
     max_reply_bytes: int = field(init=False)

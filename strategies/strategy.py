@@ -112,6 +112,9 @@ class FedPrune(StrategyWrapper):
             mask_version=self.masking.version,
             density=density,
             vote_kind=vote_kind,
+            vote_record=self.masking.vote_record,
+            vote_rule=self.masking.reconcile_config.rule,
+            channels=self.masking.channels,
         )
 
     def _encode(self, messages: Iterable[Message], state: RoundState, train: bool) -> list[Message]:
