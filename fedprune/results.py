@@ -111,6 +111,13 @@ def write_run(directory: Path, records: Sequence[RoundRecord], summary: RunSumma
     (directory / "summary.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
+def load_summary(path: Path) -> RunSummary:
+    """Read a ``summary.json`` written by :func:`write_run` back into a :class:`RunSummary`."""
+    body = json.loads(path.read_text())
+    body.pop("bytes_total", None)
+    return RunSummary(**body)
+
+
 def read_rounds(directory: Path) -> list[dict[str, str]]:
     """Read ``rounds.csv`` back as a list of rows (strings, as written)."""
     with (directory / "rounds.csv").open(newline="") as f:

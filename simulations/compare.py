@@ -25,6 +25,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedprune.config import RunConfig
+from fedprune.results import RunSummary, load_summary
 from simulations.report import Outcome, plot_accuracy_vs_mb, run_rows, write_summary
 from simulations.scenarios import (
     DEFAULT_SCENARIO,
@@ -55,6 +57,16 @@ def quiet_flower_logs() -> None:
         logger.addFilter(_DropKnownNotices())
 
 
+def finished_run(cfg: RunConfig, num_clients: int) -> RunSummary | None:
+    """Return the summary of a finished run of exactly ``cfg`` on ``num_clients`` nodes, if any."""
+    path = Path(cfg.results_dir) / cfg.run_name / "summary.json"
+    if not path.is_file():
+        return None
+    summary = load_summary(path)
+    same = summary.config == cfg.to_mapping() and summary.num_clients == num_clients
+    return summary if same and summary.rounds == cfg.num_server_rounds else None
+
+
 def compare(
     scenario: Scenario,
     out: Path,
@@ -62,6 +74,7 @@ def compare(
     rows: Sequence[str] | None = None,
     rounds: int | None = None,
     seeds: int = 1,
+    reuse: bool = False,
     console: Console | None = None,
 ) -> list[Outcome]:
     """Run the rows of ``scenario`` and write the comparison into ``out / scenario.name``.
@@ -79,6 +92,9 @@ def compare(
         Override the scenario's number of rounds.
     seeds : int
         Run every row with this many seeds (base seed + 0, 1, ...); one run each when 1.
+    reuse : bool
+        Do not rerun a run whose ``summary.json`` is already in the output folder with exactly
+        the config it would run with (e.g. to add rows or seeds to a comparison).
     console : Console, optional
         Where the progress bar and the table go.
 
@@ -94,7 +110,7 @@ def compare(
         r for r in scenario.rows if rows is None or r.name in rows or r.name == scenario.baseline
     ]
     directory = out / scenario.name
-    seed_list = scenario.seeds(seeds) if seeds > 1 else [None]
+    seed_list = scenario.seeds(seeds)
     runs = [
         (row, scenario.config(row, str(directory), rounds, seed))
         for seed in seed_list
@@ -113,12 +129,16 @@ def compare(
         task = progress.add_task("rounds", total=total)
         for row, cfg in runs:
             progress.update(task, description=f"{scenario.name}: {cfg.run_name}")
-            summary = simulate(
-                cfg,
-                num_supernodes=scenario.num_clients,
-                on_round_end=lambda _traffic: progress.advance(task),
-                quiet=True,
-            )
+            summary = finished_run(cfg, scenario.num_clients) if reuse else None
+            if summary is not None:
+                progress.advance(task, cfg.num_server_rounds)
+            else:
+                summary = simulate(
+                    cfg,
+                    num_supernodes=scenario.num_clients,
+                    on_round_end=lambda _traffic: progress.advance(task),
+                    quiet=True,
+                )
             outcomes.append(Outcome.load(row.name, cfg.seed, summary, directory / cfg.run_name))
     table = write_summary(
         directory,
@@ -126,7 +146,7 @@ def compare(
         baseline=scenario.baseline,
     )
     num_rounds = runs[0][1].num_server_rounds
-    spread = f", mean ± sd over {seeds} seeds" if seeds > 1 else ", one seed"
+    spread = f", mean ± sd over {seeds} seeds" if seeds > 1 else f", seed {seed_list[0]}"
     plot_accuracy_vs_mb(
         directory / "accuracy_vs_mb.png",
         outcomes,
@@ -156,6 +176,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per row (default: 1)")
     parser.add_argument("--out", type=Path, default=Path("results"), help="results root")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep runs already in --out with exactly the same config instead of rerunning them",
+    )
     parser.add_argument(
         "--export-row",
         metavar="NAME",
@@ -193,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows=args.rows.split(",") if args.rows else None,
         rounds=args.rounds,
         seeds=args.seeds,
+        reuse=args.reuse,
     )
 
 

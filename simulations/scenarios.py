@@ -121,16 +121,19 @@ class Scenario:
         rounds : int, optional
             Override ``num-server-rounds`` (a pruning schedule ending later is cut to it).
         seed : int, optional
-            Run this seed instead of the base seed; the run is then called
-            ``<row>-seed<seed>`` (one of several seeds), else ``<row>``.
+            Run this seed instead of the base seed. The run is called ``<row>-seed<seed>``.
         """
-        values = {**self.base, **row.changes, "run-name": row.name, "results-dir": results_dir}
+        seed = self.base_seed if seed is None else seed
+        values = {
+            **self.base,
+            **row.changes,
+            "seed": seed,
+            "run-name": f"{row.name}-seed{seed}",
+            "results-dir": results_dir,
+        }
         if rounds is not None:
             values["num-server-rounds"] = rounds
             values["prune-end-round"] = min(int(values.get("prune-end-round", 1)), rounds)
-        if seed is not None:
-            values["seed"] = seed
-            values["run-name"] = f"{row.name}-seed{seed}"
         return RunConfig.from_mapping(values)
 
 

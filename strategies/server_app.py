@@ -74,6 +74,8 @@ def run(
     started = time.perf_counter()
     model = core.new_model(cfg)
     _, test = load_dataset(cfg.dataset)
+    if cfg.eval_examples:  # the first N of the held-out split, the same for every seed
+        test = test.subset(slice(0, cfg.eval_examples))
     built = build_strategy(
         cfg,
         prunable=prunable_names(model),
