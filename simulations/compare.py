@@ -75,6 +75,7 @@ def compare(
     rounds: int | None = None,
     seeds: int = 1,
     reuse: bool = False,
+    cpus: int | None = None,
     console: Console | None = None,
 ) -> list[Outcome]:
     """Run the rows of ``scenario`` and write the comparison into ``out / scenario.name``.
@@ -95,6 +96,8 @@ def compare(
     reuse : bool
         Do not rerun a run whose ``summary.json`` is already in the output folder with exactly
         the config it would run with (e.g. to add rows or seeds to a comparison).
+    cpus : int, optional
+        CPUs Ray may use, one client at a time per CPU (default: all of this machine's).
     console : Console, optional
         Where the progress bar and the table go.
 
@@ -137,6 +140,7 @@ def compare(
                     cfg,
                     num_supernodes=scenario.num_clients,
                     on_round_end=lambda _traffic: progress.advance(task),
+                    num_cpus=cpus,
                     quiet=True,
                 )
             outcomes.append(Outcome.load(row.name, cfg.seed, summary, directory / cfg.run_name))
@@ -177,6 +181,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="seeds per row (default: 1)")
     parser.add_argument("--out", type=Path, default=Path("results"), help="results root")
     parser.add_argument(
+        "--cpus",
+        type=int,
+        help="CPUs for Ray: clients trained at once (default: all; fewer use less memory)",
+    )
+    parser.add_argument(
         "--reuse",
         action="store_true",
         help="keep runs already in --out with exactly the same config instead of rerunning them",
@@ -198,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             scenario.row(name)
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        if args.cpus is not None and args.cpus < 1:
+            raise ValueError(f"--cpus must be >= 1, got {args.cpus}")
         if args.seed is not None and not args.export_row:
             raise ValueError("--seed goes with --export-row; use --seeds N to run N seeds")
         if args.export_row:
@@ -219,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rounds=args.rounds,
         seeds=args.seeds,
         reuse=args.reuse,
+        cpus=args.cpus,
     )
 
 
