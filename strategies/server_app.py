@@ -34,7 +34,16 @@ from fedprune.data import load_dataset
 from fedprune.export import load_compact, save_compact
 from fedprune.models import get_weights, set_weights
 from fedprune.pruning import prunable_names
-from fedprune.results import RoundRecord, RunSummary, summarize, write_run
+from fedprune.results import (
+    ClientRecord,
+    RoundRecord,
+    RunSummary,
+    read_clients,
+    summarize,
+    write_clients,
+    write_run,
+)
+from fedprune.tracking import MetricsLog
 from strategies.accounting import RoundTraffic
 from strategies.factory import build_strategy
 from strategies.records import from_record, scalar, to_record
@@ -92,6 +101,8 @@ def run(
     initial = to_record(get_weights(model))
     resumed = _resume(cfg, checkpoint_file, built.strategy) if cfg.resume else None
     arrays, records, done, elapsed = resumed or (initial, [], 0, 0.0)
+    clients = [c for c in read_clients(directory) if c.round <= done]
+    metrics_log = MetricsLog(cfg)
     strategy = built.strategy
     _wait_for_nodes(grid, cfg.min_train_nodes)
     for server_round in range(done + 1, cfg.num_server_rounds + 1):
@@ -133,6 +144,11 @@ def run(
                 wall_s=traffic.wall_s,
             )
         )
+        metrics_log.round(records[-1])
+        clients += [
+            ClientRecord(server_round, node_id, n.bytes_up, n.bytes_down, n.epsilon)
+            for node_id, n in sorted(traffic.nodes.items())
+        ]
         if cfg.checkpoint:
             save_state(
                 checkpoint_file,
@@ -161,6 +177,8 @@ def run(
         compact_accuracy=compact_accuracy,
     )
     write_run(directory, records, summary)
+    write_clients(directory, clients)
+    metrics_log.close()
     return summary
 
 
