@@ -19,11 +19,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from fedprune.config import RunConfig
 from fedprune.results import RunSummary, load_summary
@@ -37,6 +45,10 @@ from simulations.scenarios import (
     load_scenario,
 )
 from simulations.simulate import simulate
+from strategies.accounting import RoundTraffic
+
+ATTEMPTS = 3
+"""Runs of a row and seed before the harness gives up on failed replies."""
 
 
 class _DropKnownNotices(logging.Filter):
@@ -65,6 +77,47 @@ def finished_run(cfg: RunConfig, num_clients: int) -> RunSummary | None:
     summary = load_summary(path)
     same = summary.config == cfg.to_mapping() and summary.num_clients == num_clients
     return summary if same and summary.rounds == cfg.num_server_rounds else None
+
+
+def run_whole(
+    cfg: RunConfig,
+    num_clients: int,
+    cpus: int | None,
+    console: Console,
+    progress: Progress,
+    task: TaskID,
+) -> RunSummary:
+    """Run ``cfg`` until no reply failed in any round (at most :data:`ATTEMPTS` times).
+
+    A failed reply (e.g. a Ray worker killed when the machine runs low on memory) leaves a
+    round with fewer clients, or skipped: such a run does not measure the row, so it is run
+    again from the start. A run that keeps failing raises, and its folder is removed.
+
+    Raises
+    ------
+    RuntimeError
+        If every attempt had failed replies.
+    """
+    for attempt in range(1, ATTEMPTS + 1):
+        failures: list[int] = []
+
+        def round_end(traffic: RoundTraffic, failures: list[int] = failures) -> None:
+            failures.append(traffic.failures)
+            progress.advance(task)
+
+        summary = simulate(
+            cfg, num_supernodes=num_clients, on_round_end=round_end, num_cpus=cpus, quiet=True
+        )
+        if not any(failures):
+            return summary
+        progress.update(task, advance=-len(failures))
+        console.print(
+            f"{cfg.run_name}: {sum(failures)} failed replies in rounds "
+            f"{[i + 1 for i, f in enumerate(failures) if f]} (attempt {attempt} of {ATTEMPTS}); "
+            "see the log above"
+        )
+    shutil.rmtree(Path(cfg.results_dir) / cfg.run_name, ignore_errors=True)
+    raise RuntimeError(f"run {cfg.run_name!r} had failed replies in each of {ATTEMPTS} attempts")
 
 
 def compare(
@@ -136,13 +189,7 @@ def compare(
             if summary is not None:
                 progress.advance(task, cfg.num_server_rounds)
             else:
-                summary = simulate(
-                    cfg,
-                    num_supernodes=scenario.num_clients,
-                    on_round_end=lambda _traffic: progress.advance(task),
-                    num_cpus=cpus,
-                    quiet=True,
-                )
+                summary = run_whole(cfg, scenario.num_clients, cpus, console, progress, task)
             outcomes.append(Outcome.load(row.name, cfg.seed, summary, directory / cfg.run_name))
     table = write_summary(
         directory,

@@ -246,3 +246,35 @@ def test_a_two_row_scenario_file_runs_over_seeds_into_the_table(tmp_path: Path, 
     assert float(row["ratio_vs_fedavg"]) > 2.0
     assert (directory / "accuracy_vs_mb.png").stat().st_size > 0
     assert "| int8-topk0.1 | 2 |" in (directory / "summary.md").read_text()
+
+
+def test_a_run_with_failed_replies_is_run_again_then_refused(tmp_path: Path, monkeypatch) -> None:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    import simulations.compare as harness
+    from strategies.accounting import RoundTraffic
+
+    calls: list[int] = []
+
+    def fake_simulate(cfg, *, num_supernodes, on_round_end, num_cpus, quiet):
+        calls.append(num_supernodes)
+        (tmp_path / cfg.run_name).mkdir(exist_ok=True)
+        for server_round in (1, 2):  # a worker lost in round 2 of the first attempt
+            failed = int(len(calls) == 1 and server_round == 2) if fail_once else 1
+            on_round_end(RoundTraffic(server_round, failures=failed))
+        return summary(0.9, 100)
+
+    monkeypatch.setattr(harness, "simulate", fake_simulate)
+    cfg = RunConfig(run_name="r", results_dir=str(tmp_path))
+    console = Console(file=io.StringIO())
+    with Progress(console=console) as progress:
+        task = progress.add_task("rounds", total=2)
+        fail_once = True
+        assert harness.run_whole(cfg, 3, None, console, progress, task).final_accuracy == 0.9
+        assert len(calls) == 2 and progress.tasks[0].completed == 2
+        fail_once = False
+        with pytest.raises(RuntimeError, match="failed replies in each of 3 attempts"):
+            harness.run_whole(cfg, 3, None, console, progress, task)
+    assert len(calls) == 5 and not (tmp_path / "r").exists()
+    assert "failed replies in rounds [2] (attempt 1 of 3)" in console.file.getvalue()
