@@ -267,7 +267,8 @@ def test_a_run_with_failed_replies_is_run_again_then_refused(tmp_path: Path, mon
 
     monkeypatch.setattr(harness, "simulate", fake_simulate)
     cfg = RunConfig(run_name="r", results_dir=str(tmp_path))
-    console = Console(file=io.StringIO())
+    printed = io.StringIO()
+    console = Console(file=printed)
     with Progress(console=console) as progress:
         task = progress.add_task("rounds", total=2)
         fail_once = True
@@ -277,4 +278,4 @@ def test_a_run_with_failed_replies_is_run_again_then_refused(tmp_path: Path, mon
         with pytest.raises(RuntimeError, match="failed replies in each of 3 attempts"):
             harness.run_whole(cfg, 3, None, console, progress, task)
     assert len(calls) == 5 and not (tmp_path / "r").exists()
-    assert "failed replies in rounds [2] (attempt 1 of 3)" in console.file.getvalue()
+    assert "failed replies in rounds [2] (attempt 1 of 3)" in printed.getvalue()
