@@ -19,7 +19,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[simulation,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[simulation,mlflow,dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)
