@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,7 +327,7 @@ def plot_accuracy_vs_mb(path: Path, outcomes: Sequence[Outcome], title: str) -> 
     ax.set_xscale("log")
     ax.set_xlabel("megabytes sent, up + down (cumulative, log scale)")
     ax.set_ylabel("test accuracy" + (f" (mean ± sd over {seeds} seeds)" if seeds > 1 else ""))
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
