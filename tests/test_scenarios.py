@@ -279,3 +279,18 @@ def test_a_run_with_failed_replies_is_run_again_then_refused(tmp_path: Path, mon
             harness.run_whole(cfg, 3, None, console, progress, task)
     assert len(calls) == 5 and not (tmp_path / "r").exists()
     assert "failed replies in rounds [2] (attempt 1 of 3)" in printed.getvalue()
+
+
+def test_reuse_takes_only_a_finished_run_of_the_same_config(tmp_path: Path) -> None:
+    from fedprune.results import RoundRecord, summarize, write_run
+    from simulations.compare import finished_run
+
+    cfg = RunConfig(run_name="r", results_dir=str(tmp_path), num_server_rounds=2)
+    assert finished_run(cfg, 3) is None
+    records = [RoundRecord(i, 0.5, 1.0, 10, 20, 1.0, None, 0.1) for i in (1, 2)]
+    done = summarize("r", cfg.to_mapping(), 3, records, 1.0, 100, 0.5)
+    write_run(tmp_path / "r", records, done)
+    assert finished_run(cfg, 3) == done
+    assert finished_run(cfg, 4) is None  # another federation size
+    assert finished_run(cfg.replace(lr=0.2), 3) is None  # another config
+    assert finished_run(cfg.replace(num_server_rounds=3), 3) is None
