@@ -21,7 +21,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 $(STAMP): pyproject.toml simulations/local_superlink.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[simulation,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[simulation,mlflow,dev]"
 	$(BIN)/python -m simulations.local_superlink install
 	touch $(STAMP)
 

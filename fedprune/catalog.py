@@ -22,7 +22,7 @@ DATASET_SHAPES: Final[dict[str, tuple[tuple[int, ...], int]]] = {
 PartitionScheme = Literal["iid", "dirichlet", "classes"]
 PARTITION_SCHEMES: Final[tuple[str, ...]] = get_args(PartitionScheme)
 
-ModelName = Literal["mlp", "mlp-small", "mlp-large", "cnn", "resnet18"]
+ModelName = Literal["mlp", "mlp-small", "mlp-large", "cnn", "cnn-mcmahan", "resnet18"]
 MODELS: Final[tuple[str, ...]] = get_args(ModelName)
 
 AccountantName = Literal["rdp", "prv"]

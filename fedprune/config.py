@@ -34,8 +34,9 @@ PruneGranularity = Literal["element", "channel"]
 ChannelNormName = Literal["l1", "l2"]
 
 
-RESUMABLE_KEYS = frozenset({"resume", "num-server-rounds"})
-"""Config keys a resumed run may change: the flag itself, and the rounds (to extend a run)."""
+RESUMABLE_KEYS = frozenset({"resume", "num-server-rounds", "log-tensorboard", "log-mlflow"})
+"""Config keys a resumed run may change: the flag itself, the rounds (to extend a run), and
+where the metrics are also logged."""
 
 
 class ConfigError(ValueError):
@@ -123,6 +124,13 @@ class RunConfig:
     seed: int = 0
     checkpoint: bool = True
     resume: bool = False
+    # Comparisons and results (issue 16): a cap on the local steps of a round (0: none), the
+    # server evaluates on the first eval-examples of the held-out split (0: all of it), and
+    # where its per-round metrics also go (TensorBoard events, an MLflow file store)
+    local_steps: int = 0
+    eval_examples: int = 0
+    log_tensorboard: bool = True
+    log_mlflow: bool = False
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -184,6 +192,8 @@ class RunConfig:
         _check(0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate", "must be in [0, 1]")
         _check(self.min_train_nodes >= 1, "min-train-nodes", "must be >= 1")
         _check(self.local_epochs >= 1, "local-epochs", "must be >= 1")
+        _check(self.local_steps >= 0, "local-steps", "must be >= 0 (0 = no cap)")
+        _check(self.eval_examples >= 0, "eval-examples", "must be >= 0 (0 = the whole split)")
         _check(self.batch_size >= 1, "batch-size", "must be >= 1")
         for name in ("lr", "server_lr"):
             value = getattr(self, name)

@@ -14,6 +14,11 @@ tensors (``Linear`` / ``Conv`` weights) are what :mod:`fedprune.pruning` scores.
 ``"cnn"``
     ``nn.Sequential(Conv3x3, ReLU, MaxPool2, Conv3x3, ReLU, MaxPool2, Flatten, Linear)`` with
     ``channels`` filters (padding 1); needs ``H, W >= 4``.
+``"cnn-mcmahan"``
+    The CNN of McMahan et al. (2017, "Communication-Efficient Learning of Deep Networks from
+    Decentralized Data"): two 5x5 convolutions of 32 and 64 filters (padding 2), each followed
+    by ReLU and a 2x2 max-pool, a 512-unit dense layer with ReLU, and the output layer
+    (1,663,370 parameters on 28x28 grey images); needs ``H, W >= 4``.
 ``"resnet18"``
     torchvision's ResNet-18 with ``GroupNorm(32, C)`` in place of every BatchNorm and a
     CIFAR stem (3x3 conv, stride 1, no max-pool); torchvision's initialisation.
@@ -28,6 +33,7 @@ mlp            55,210              199,210             656,810
 mlp-small      8,970               55,050              201,482
 mlp-large      301,066             669,706             1,841,162
 cnn            21,386              50,186              60,362
+cnn-mcmahan    188,810             1,663,370           2,156,490
 resnet18       11,172,810          11,172,810          11,173,962
 =============  ==================  ==================  ==================
 
@@ -79,7 +85,7 @@ def build_model(
 
     Parameters
     ----------
-    name : {"mlp", "mlp-small", "mlp-large", "cnn", "resnet18"}
+    name : {"mlp", "mlp-small", "mlp-large", "cnn", "cnn-mcmahan", "resnet18"}
         The architecture (see the module docstring).
     input_shape : sequence of int
         Shape of one example: ``(C, H, W)``, or ``(D,)`` for ``"mlp"`` only.
@@ -127,6 +133,8 @@ def _build(
         return _mlp(math.prod(shape), num_classes, MLP_WIDTHS[name])
     if name == "cnn":
         return _cnn(shape, num_classes, channels)
+    if name == "cnn-mcmahan":
+        return _cnn_mcmahan(shape, num_classes)
     return _resnet18(shape[0], num_classes)
 
 
@@ -159,6 +167,26 @@ def _cnn(shape: tuple[int, ...], num_classes: int, channels: tuple[int, int]) ->
         nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Linear(c2 * (h // 4) * (w // 4), num_classes),
+    )
+
+
+def _cnn_mcmahan(shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    c, h, w = shape
+    if min(h, w) < 4:
+        raise ValueError(
+            f"input_shape needs H, W >= 4 for model 'cnn-mcmahan' (two 2x2 pools), got {shape}"
+        )
+    return nn.Sequential(
+        nn.Conv2d(c, 32, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * (h // 4) * (w // 4), 512),
+        nn.ReLU(),
+        nn.Linear(512, num_classes),
     )
 
 

@@ -240,7 +240,9 @@ class DPConfig:
 # -- Noise calibration ------------------------------------------------------------------------
 
 
-def planned_total_steps(loader: DataLoader[Any], *, num_rounds: int, local_epochs: int) -> int:
+def planned_total_steps(
+    loader: DataLoader[Any], *, num_rounds: int, local_epochs: int, local_steps: int = 0
+) -> int:
     """Count the DP-SGD steps a client takes over the whole run, as Opacus will count them.
 
     Opacus's Poisson loader runs ``int(1 / q)`` batches per epoch with ``q = 1 / len(loader)``
@@ -254,20 +256,25 @@ def planned_total_steps(loader: DataLoader[Any], *, num_rounds: int, local_epoch
         Server rounds in the run (an upper bound when the client is not sampled every round).
     local_epochs : int
         Local epochs per round.
+    local_steps : int
+        Cap on the steps of one round (``local-steps``; 0: no cap).
 
     Returns
     -------
     int
-        ``num_rounds * local_epochs * int(1 / (1 / len(loader)))``.
+        ``num_rounds * min(local_epochs * int(1 / (1 / len(loader))), local_steps or inf)``.
     """
     if num_rounds < 1:
         raise ValueError(f"num_rounds must be >= 1, got {num_rounds!r}")
     if local_epochs < 1:
         raise ValueError(f"local_epochs must be >= 1, got {local_epochs!r}")
+    if local_steps < 0:
+        raise ValueError(f"local_steps must be >= 0, got {local_steps!r}")
     batches = len(loader)
     if batches < 1:
         raise ValueError("loader must yield at least one batch")
-    return num_rounds * local_epochs * int(1 / (1 / batches))
+    per_round = local_epochs * int(1 / (1 / batches))
+    return num_rounds * (min(per_round, local_steps) if local_steps else per_round)
 
 
 @functools.lru_cache(maxsize=64)

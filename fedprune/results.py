@@ -1,8 +1,11 @@
-"""Per-run results: ``rounds.csv`` and ``summary.json`` under ``<results-dir>/<run-name>/``.
+"""Per-run results in ``<results-dir>/<run-name>/``: ``rounds.csv``, ``clients.csv``, summary.
 
 Only measured values are written: accuracy and loss from the server's evaluation on the held-out
 test split, bytes from the serialized messages, density from the global mask, ε from the
-clients' accountants (empty when DP is off).
+clients' accountants (empty when DP is off), ``wall_s`` the seconds from sending a round's
+training messages to the end of their aggregation (the server's evaluation not included).
+``clients.csv`` has one line per node and round: the bytes of the messages the server sent it
+and of its replies, and the ε it reported.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ ROUND_COLUMNS = (
     "bytes_down",
     "density",
     "epsilon",
+    "wall_s",
     "num_failed",
     "num_rejected",
     "num_bounded",
     "rejected",
 )
+CLIENT_COLUMNS = ("round", "node_id", "bytes_up", "bytes_down", "epsilon")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,17 @@ class RoundRecord:
     """Why each rejected reply was rejected ("node N: reason")."""
     bounded: tuple[str, ...] = ()
     """Which accepted replies the bounds lowered (example weight, update norm)."""
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    """One node in one server round, as the server saw it."""
+
+    round: int
+    node_id: int
+    bytes_up: int
+    bytes_down: int
+    epsilon: float | None
 
 
 @dataclass(frozen=True)
@@ -143,6 +159,7 @@ def write_run(directory: Path, records: Sequence[RoundRecord], summary: RunSumma
                     r.bytes_down,
                     f"{r.density:.6f}",
                     "" if r.epsilon is None else f"{r.epsilon:.6f}",
+                    f"{r.wall_s:.3f}",
                     r.num_failed,
                     len(r.rejections),
                     len(r.bounded),
@@ -151,6 +168,42 @@ def write_run(directory: Path, records: Sequence[RoundRecord], summary: RunSumma
             )
     body = asdict(summary) | {"bytes_total": summary.bytes_total}
     (directory / "summary.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+
+def write_clients(directory: Path, records: Sequence[ClientRecord]) -> None:
+    """Write ``clients.csv`` into ``directory`` (created if needed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / "clients.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CLIENT_COLUMNS)
+        for r in records:
+            epsilon = "" if r.epsilon is None else f"{r.epsilon:.6f}"
+            writer.writerow([r.round, r.node_id, r.bytes_up, r.bytes_down, epsilon])
+
+
+def read_clients(directory: Path) -> list[ClientRecord]:
+    """Read ``clients.csv`` back (empty when the run has none yet)."""
+    path = directory / "clients.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [
+            ClientRecord(
+                round=int(row["round"]),
+                node_id=int(row["node_id"]),
+                bytes_up=int(row["bytes_up"]),
+                bytes_down=int(row["bytes_down"]),
+                epsilon=float(row["epsilon"]) if row["epsilon"] else None,
+            )
+            for row in csv.DictReader(f)
+        ]
+
+
+def load_summary(path: Path) -> RunSummary:
+    """Read a ``summary.json`` written by :func:`write_run` back into a :class:`RunSummary`."""
+    body = json.loads(path.read_text())
+    body.pop("bytes_total", None)
+    return RunSummary(**body)
 
 
 def read_rounds(directory: Path) -> list[dict[str, str]]:

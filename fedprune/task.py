@@ -153,7 +153,9 @@ def train(
     accountant_state: AccountantState | None = None,
     teacher: nn.Module | None = None,
 ) -> TrainResult:
-    """Train ``model`` locally for ``cfg.local_epochs`` epochs, keeping pruned weights at 0.
+    """Train ``model`` for ``cfg.local_epochs`` epochs (at most ``cfg.local_steps`` steps, if > 0).
+
+    Pruned weights stay at 0.
 
     Parameters
     ----------
@@ -207,7 +209,10 @@ def train(
             masks=trained_masks,
             accountant_state=accountant_state,
             total_steps=planned_total_steps(
-                loader, num_rounds=cfg.num_server_rounds, local_epochs=cfg.local_epochs
+                loader,
+                num_rounds=cfg.num_server_rounds,
+                local_epochs=cfg.local_epochs,
+                local_steps=cfg.local_steps,
             ),
         )
         net, optimizer, loader = private.model, private.optimizer, private.loader
@@ -218,8 +223,12 @@ def train(
     loss_fn = nn.CrossEntropyLoss()
     net.train()
     total_loss, total_seen = 0.0, 0
+    steps = 0  # local-steps caps the steps of a round, over all its epochs
     for _ in range(cfg.local_epochs):
         for x, y in loader:
+            if cfg.local_steps and steps >= cfg.local_steps:
+                break
+            steps += 1
             # Under DP an empty Poisson batch still takes a (noise-only) step: skipping it would
             # change what a neighbouring dataset's run looks like.
             optimizer.zero_grad(set_to_none=True)

@@ -48,10 +48,12 @@ from typing import Any, Final
 
 from simulations.deploy import PROJECT_ROOT, Deployment, RunResult
 from simulations.deploy.relay import CountingRelay, Traffic
-from simulations.scenarios import FEDAVG, SCENARIOS
+from simulations.scenarios import available, load_scenario
 
 BEST_ROW: Final = "int8-topk0.05-delta"
 """The best Fashion-MNIST row (ratio, accuracy), see ``docs/results/fashion-mnist-summary.md``."""
+FEDAVG: Final = "fedavg-fp32"
+"""The reference row (stock FedAvg, float32 both ways) of every built-in scenario."""
 DEFAULT_ROWS: Final = (FEDAVG, BEST_ROW)
 DEFAULT_MD: Final = PROJECT_ROOT / "docs" / "results" / "wire.md"
 DEFAULT_JSON: Final = PROJECT_ROOT / "results" / "bench" / "wire.json"
@@ -121,11 +123,8 @@ def run_config(
     scenario: str, row: str, rounds: int, nodes: int
 ) -> dict[str, bool | int | float | str]:
     """Run config of ``row`` of ``scenario`` for ``nodes`` SuperNodes, every node every round."""
-    sc = SCENARIOS[scenario]
-    changes = next((r.changes for r in sc.rows if r.name == row), None)
-    if changes is None:
-        raise ValueError(f"row {row!r} is not in scenario {scenario!r}")
-    config: dict[str, bool | int | float | str] = {**sc.base, **changes}
+    sc = load_scenario(scenario)
+    config: dict[str, bool | int | float | str] = {**sc.base, **sc.row(row).changes}
     config["num-server-rounds"] = rounds
     config["prune-end-round"] = min(int(config.get("prune-end-round", 1)), rounds)
     config.update({"min-train-nodes": nodes, "fraction-train": 1.0, "fraction-evaluate": 0.0})
@@ -506,7 +505,7 @@ def markdown(report: Mapping[str, Any], command: str) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the bench, write ``wire.json``, ``docs/results/wire.md`` and the ``make bench`` keys."""
     parser = argparse.ArgumentParser(prog="python -m simulations.bench_wire", description=__doc__)
-    parser.add_argument("--scenario", default="fashion-mnist", choices=sorted(SCENARIOS))
+    parser.add_argument("--scenario", default="fashion-mnist", choices=available())
     parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--nodes", type=int, default=2)

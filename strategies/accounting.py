@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO
+from typing import cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -32,33 +33,48 @@ def object_tree_bytes(obj: InflatableObject) -> int:
     return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
 
 
-def message_wire_bytes(messages: Iterable[Message]) -> int:
-    """Return the bytes that ``messages`` occupy on the wire, one receiver per message.
+def message_wire_sizes(messages: Iterable[Message]) -> list[int]:
+    """Return the bytes each of ``messages`` occupies on the wire, one receiver per message.
 
     Each message is counted in full (each destination node pulls its whole tree: the Message,
     its RecordDict, and the distinct objects of every record). A record shared by several
     messages (one encoded payload broadcast to many nodes) is deflated and sized once: its
     objects' sizes are cached by the record's identity.
     """
-    total = 0
+    sizes = []
     record_objects: dict[int, dict[str, int]] = {}
     for message in messages:
-        total += len(message.deflate())
-        if not message.has_content():
-            continue
-        content = message.content
-        total += len(content.deflate())
-        objects: dict[str, int] = {}
-        for record in content.values():
-            key = id(record)
-            if key not in record_objects:
-                record_objects[key] = {
-                    object_id: len(o.deflate())
-                    for object_id, o in get_all_nested_objects(record).items()
-                }
-            objects.update(record_objects[key])
-        total += sum(objects.values())
-    return total
+        own = len(message.deflate())
+        if message.has_content():
+            content = message.content
+            own += len(content.deflate())
+            objects: dict[str, int] = {}
+            for record in content.values():
+                key = id(record)
+                if key not in record_objects:
+                    record_objects[key] = {
+                        object_id: len(o.deflate())
+                        for object_id, o in get_all_nested_objects(record).items()
+                    }
+                objects.update(record_objects[key])
+            own += sum(objects.values())
+        sizes.append(own)
+    return sizes
+
+
+def message_wire_bytes(messages: Iterable[Message]) -> int:
+    """Return the bytes that ``messages`` occupy on the wire (:func:`message_wire_sizes`)."""
+    return sum(message_wire_sizes(messages))
+
+
+def reported_epsilon(reply: Message) -> float | None:
+    """Return the ε a reply's metrics report, if any."""
+    if reply.has_error():
+        return None
+    for record in reply.content.metric_records.values():
+        if keys.EPSILON in record:
+            return float(cast(float, record[keys.EPSILON]))
+    return None
 
 
 def canonical_order(replies: Iterable[Message]) -> list[Message]:
@@ -77,8 +93,17 @@ def canonical_order(replies: Iterable[Message]) -> list[Message]:
 
 
 @dataclass
+class NodeTraffic:
+    """What travelled to and from one node in one server round, and the ε it reported."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    epsilon: float | None = None
+
+
+@dataclass
 class RoundTraffic:
-    """What travelled in one server round."""
+    """What travelled in one server round (in all, and per node id)."""
 
     server_round: int
     bytes_up: int = 0
@@ -87,6 +112,11 @@ class RoundTraffic:
     failures: int = 0
     started: float = field(default_factory=time.perf_counter)
     wall_s: float = 0.0
+    nodes: dict[int, NodeTraffic] = field(default_factory=dict)
+
+    def node(self, node_id: int) -> NodeTraffic:
+        """Return the traffic of node ``node_id`` (created empty)."""
+        return self.nodes.setdefault(node_id, NodeTraffic())
 
 
 class WireAccounting(StrategyWrapper):
@@ -120,13 +150,21 @@ class WireAccounting(StrategyWrapper):
 
     def _count_down(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
         out = list(messages)
-        self._round(server_round).bytes_down += message_wire_bytes(out)
+        traffic = self._round(server_round)
+        for message, size in zip(out, message_wire_sizes(out), strict=True):
+            traffic.bytes_down += size
+            traffic.node(message.metadata.dst_node_id).bytes_down += size
         return out
 
     def _count_up(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         got = list(replies)
         traffic = self._round(server_round)
-        traffic.bytes_up += message_wire_bytes(got)
+        for reply, size in zip(got, message_wire_sizes(got), strict=True):
+            traffic.bytes_up += size
+            node = traffic.node(reply.metadata.src_node_id)
+            node.bytes_up += size
+            epsilon = reported_epsilon(reply)
+            node.epsilon = node.epsilon if epsilon is None else epsilon
         traffic.replies += sum(not r.has_error() for r in got)
         traffic.failures += sum(r.has_error() for r in got)
         return canonical_order(got)

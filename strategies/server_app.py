@@ -36,7 +36,16 @@ from fedprune.data import load_dataset
 from fedprune.export import footprint, load_compact, load_shrunk, save_compact, save_shrunk
 from fedprune.models import get_weights, set_weights
 from fedprune.pruning import prunable_names
-from fedprune.results import RoundRecord, RunSummary, summarize, write_run
+from fedprune.results import (
+    ClientRecord,
+    RoundRecord,
+    RunSummary,
+    read_clients,
+    summarize,
+    write_clients,
+    write_run,
+)
+from fedprune.tracking import MetricsLog
 from strategies.accounting import RoundTraffic
 from strategies.factory import build_strategy
 from strategies.wrapper import load_strategy_state, strategy_state
@@ -75,6 +84,8 @@ def run(
     started = time.perf_counter()
     model = task.new_model(cfg)
     _, test = load_dataset(cfg.dataset)
+    if cfg.eval_examples:  # the first N of the held-out split, the same for every seed
+        test = test.subset(slice(0, cfg.eval_examples))
     channels = task.channel_pruning(cfg, model)
     built = build_strategy(cfg, prunable=prunable_names(model), channels=channels)
     built.strategy.on_round_end = on_round_end
@@ -89,6 +100,8 @@ def run(
     initial = to_record(get_weights(model))
     resumed = _resume(cfg, checkpoint_file, built.strategy) if cfg.resume else None
     arrays, records, done, elapsed = resumed or (initial, [], 0, 0.0)
+    clients = [c for c in read_clients(directory) if c.round <= done]
+    metrics_log = MetricsLog(cfg)
     strategy = built.strategy
     _wait_for_nodes(grid, cfg.min_train_nodes)
     for server_round in range(done + 1, cfg.num_server_rounds + 1):
@@ -133,6 +146,11 @@ def run(
                 bounded=tuple(built.fedprune.bounded.get(server_round, ())),
             )
         )
+        metrics_log.round(records[-1])
+        clients += [
+            ClientRecord(server_round, node_id, n.bytes_up, n.bytes_down, n.epsilon)
+            for node_id, n in sorted(traffic.nodes.items())
+        ]
         if cfg.checkpoint:
             save_state(
                 checkpoint_file,
@@ -172,6 +190,8 @@ def run(
         latency_ms_per_example=cost.latency_ms_per_example,
     )
     write_run(directory, records, summary)
+    write_clients(directory, clients)
+    metrics_log.close()
     return summary
 
 

@@ -79,6 +79,10 @@ EXPECTED_PARAMS = {
     ("cnn", "digits"): 21_386,  # 320 + 18_496 + (64*2*2)*10+10
     ("cnn", "mnist"): 50_186,  # 320 + 18_496 + (64*7*7)*10+10
     ("cnn", "cifar10"): 60_362,  # 896 + 18_496 + (64*8*8)*10+10
+    # McMahan et al.'s CNN: 5*5*32+32 + 5*5*32*64+64 + (64*7*7)*512+512 + 512*10+10
+    ("cnn-mcmahan", "mnist"): 1_663_370,
+    ("cnn-mcmahan", "digits"): 188_810,  # (64*2*2)*512+512 for the dense layer
+    ("cnn-mcmahan", "cifar10"): 2_156_490,  # 5*5*3*32+32, (64*8*8)*512+512
     ("resnet18", "digits"): 11_172_810,
     ("resnet18", "mnist"): 11_172_810,
     ("resnet18", "cifar10"): 11_173_962,  # the usual CIFAR ResNet-18 count
@@ -95,6 +99,11 @@ def test_parameter_counts(name: str, dataset: str) -> None:
         assert EXPECTED_PARAMS[(name, dataset)] == (
             conv_params(c, 32) + conv_params(32, 64) + linear_params(64 * (h // 4) * (w // 4), 10)
         )
+    if name == "cnn-mcmahan":
+        c, h, w = shape
+        conv = (c * 25 * 32 + 32) + (32 * 25 * 64 + 64)
+        dense = linear_params(64 * (h // 4) * (w // 4), 512) + linear_params(512, 10)
+        assert EXPECTED_PARAMS[(name, dataset)] == conv + dense
     if name == "resnet18":
         assert EXPECTED_PARAMS[(name, dataset)] == resnet18_params(shape[0], 10)
 

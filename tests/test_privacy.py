@@ -619,3 +619,37 @@ def test_the_client_reports_its_training_loss_only_without_dp(dp: bool, tmp_path
     metrics = reply.content.metric_records[keys.METRICS]
     assert (keys.TRAIN_LOSS in metrics) == (not dp)
     assert (keys.EPSILON in metrics) == dp
+
+
+def test_planned_steps_are_capped_by_local_steps() -> None:
+    loader = _loader(n=93, batch_size=1)  # 92 Opacus batches per epoch
+    assert planned_total_steps(loader, num_rounds=2, local_epochs=3, local_steps=50) == 2 * 50
+    assert planned_total_steps(loader, num_rounds=2, local_epochs=1, local_steps=500) == 2 * 92
+    assert planned_total_steps(loader, num_rounds=2, local_epochs=1, local_steps=0) == 2 * 92
+    with pytest.raises(ValueError, match="local_steps"):
+        planned_total_steps(loader, num_rounds=1, local_epochs=1, local_steps=-1)
+
+
+@pytest.mark.parametrize(("local_steps", "taken"), [(0, None), (5, 5), (15, 15)])
+def test_local_steps_cap_the_steps_a_round_takes(local_steps: int, taken: int | None) -> None:
+    # 2 epochs of a digits partition; 0 = no cap: every batch of both epochs.
+    from fedprune import task
+    from fedprune.config import RunConfig
+
+    cfg = RunConfig(
+        dataset="digits",
+        batch_size=64,
+        local_epochs=2,
+        local_steps=local_steps,
+        dp=True,
+        noise_multiplier=1.0,
+        target_density=1.0,
+    )
+    data = task.local_train_data(cfg, 0, 2)
+    per_epoch = int(1 / (1 / math.ceil(len(data) / cfg.batch_size)))
+    assert per_epoch < 15 < 2 * per_epoch  # the cap of 15 stops in the second epoch
+    if taken is None:
+        taken = 2 * per_epoch
+    result = task.train(cfg, task.new_model(cfg), data, masks=None, server_round=1, node_seed=0)
+    assert result.accountant_state is not None
+    assert int(result.accountant_state[NUM_STEPS_KEY].sum()) == taken
