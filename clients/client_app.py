@@ -34,7 +34,7 @@ from fedprune.checkpoint import (
     save_round_state,
 )
 from fedprune.config import RunConfig
-from fedprune.models import set_weights
+from fedprune.models import get_weights, set_weights
 from strategies.records import from_record, scalar, to_record
 
 VOTE_CODEC = codec.CodecConfig(quant="int8-channel")
@@ -137,6 +137,8 @@ def receive(
     if not cfg.compressed:
         return arrays, None
     config = msg.content.config_records[keys.CONFIG]
+    if scalar(config, keys.PAYLOAD_KIND, str, "weights") == "seed":
+        return seeded_start(context, cfg, config), None
     mask_version = scalar(config, keys.MASK_VERSION, int, 0)
     masks: dict[str, np.ndarray] | None = codec.payload_masks(arrays) or None
     if masks is not None:
@@ -156,6 +158,31 @@ def receive(
             decoded[name] = base + change
     _store(context, keys.STATE_REF, ref_version, decoded)
     return decoded, masks
+
+
+def seeded_start(context: Context, cfg: RunConfig, config: ConfigRecord) -> dict[str, np.ndarray]:
+    """Build the run's initial model here and check it against the server's digest.
+
+    The result becomes the node's reference model (with ``delta-downlink``).
+
+    Raises
+    ------
+    ValueError
+        If this node's initial model differs from the server's (another seed, model or
+        dataset in the run config, or a library that initialises differently).
+    """
+    weights = get_weights(core.new_model(cfg, data_dir(context)))
+    expected = scalar(config, keys.MODEL_DIGEST, str)
+    got = codec.weights_digest(weights)
+    if got != expected:
+        raise ValueError(
+            f"seeded start: this node's initial model (sha256 {got[:16]}...) differs from the "
+            f"server's ({expected[:16]}...); the node and the server must build the model from "
+            "the same run config (seed, model, dataset) and library versions"
+        )
+    if keys.REF_VERSION in config:
+        _store(context, keys.STATE_REF, scalar(config, keys.REF_VERSION, int), weights)
+    return weights
 
 
 def private_teacher(

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_type_hints
 
-from fedprune.codec import CodecConfig, QuantMode
+from fedprune.codec import CodecConfig, Container, QuantMode
 from fedprune.data import DATASET_SHAPES, DatasetName, PartitionScheme
 from fedprune.masks import ReconcileRule
 from fedprune.models import ModelName, model_size
@@ -26,6 +26,7 @@ InnerStrategyName = Literal[
 ]
 OptimizerName = Literal["sgd", "adam"]
 PruneMethod = Literal["magnitude", "sensitivity"]
+DownlinkQuant = Literal["same", "none", "int8", "int8-channel", "int4-channel", "ternary"]
 
 
 RESUMABLE_KEYS = frozenset({"resume", "num-server-rounds"})
@@ -89,6 +90,13 @@ class RunConfig:
     error_feedback: bool = True
     update_topk: float = 1.0
     delta_downlink: bool = False
+    # Codec, issue 14: downlink settings of their own, one-array payloads, a seeded start.
+    # "same" / 0.0 take the uplink's quant / update-topk; the full-weights downlink of a low-bit
+    # downlink quant is int8 per channel (signs or int4 of a whole model lose too much).
+    downlink_quant: DownlinkQuant = "same"
+    downlink_topk: float = 0.0
+    container: Container = "arrays"
+    seeded_start: bool = False
     # Differential privacy (client-side DP-SGD with Opacus)
     dp: bool = False
     noise_multiplier: float = 0.0
@@ -190,6 +198,7 @@ class RunConfig:
         )
         _check(0.0 < self.vote_threshold <= 1.0, "vote-threshold", "must be in (0, 1]")
         _check(0.0 < self.update_topk <= 1.0, "update-topk", "must be in (0, 1]")
+        _check(0.0 <= self.downlink_topk <= 1.0, "downlink-topk", "must be in [0, 1] (0: same)")
         if self.strategy == "fedavg":
             _check(
                 self.target_density == 1.0,
@@ -203,6 +212,7 @@ class RunConfig:
             )
             _check(self.update_topk == 1.0, "update-topk", "needs strategy='compressed'")
             _check(not self.delta_downlink, "delta-downlink", "needs strategy='compressed'")
+            _check(not self.seeded_start, "seeded-start", "needs strategy='compressed'")
         if self.dp:
             _check(self.max_grad_norm > 0.0, "max-grad-norm", "must be > 0 when dp is on")
             _check(0.0 < self.target_delta < 1.0, "target-delta", "must be in (0, 1)")
@@ -268,11 +278,28 @@ class RunConfig:
 
     def codec(self) -> CodecConfig:
         """Return the codec of model weights (downlink; every kept entry travels)."""
-        return CodecConfig(quant=self.quant, entropy=self.entropy)
+        quant = self._downlink_quant()
+        if quant in ("int4-channel", "ternary"):
+            quant = "int8-channel"
+        return CodecConfig(quant=quant, entropy=self.entropy, container=self.container)
 
     def update_codec(self) -> CodecConfig:
-        """Return the codec of updates (uplink deltas, delta downlink): top-k sparsified."""
-        return CodecConfig(quant=self.quant, entropy=self.entropy, topk=self.update_topk)
+        """Return the codec of uplink updates (deltas): top-k sparsified."""
+        return CodecConfig(
+            quant=self.quant, entropy=self.entropy, topk=self.update_topk, container=self.container
+        )
+
+    def downlink_update_codec(self) -> CodecConfig:
+        """Return the codec of the delta downlink (the global model's change)."""
+        return CodecConfig(
+            quant=self._downlink_quant(),
+            entropy=self.entropy,
+            topk=self.downlink_topk or self.update_topk,
+            container=self.container,
+        )
+
+    def _downlink_quant(self) -> QuantMode:
+        return self.quant if self.downlink_quant == "same" else self.downlink_quant
 
     @property
     def compressed(self) -> bool:

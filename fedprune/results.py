@@ -10,11 +10,24 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROUND_COLUMNS = ("round", "accuracy", "loss", "bytes_up", "bytes_down", "density", "epsilon")
+from fedprune.codec import BREAKDOWN_KEYS
+
+ROUND_COLUMNS = (
+    "round",
+    "accuracy",
+    "loss",
+    "bytes_up",
+    "bytes_down",
+    "density",
+    "epsilon",
+    *(f"uplink_bits_{part}" for part in BREAKDOWN_KEYS),
+)
+"""The last columns: mean uplink bits per parameter of the round's replies, by payload part
+(:func:`fedprune.codec.bits_breakdown`; empty for uncompressed runs)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,7 @@ class RoundRecord:
     density: float
     epsilon: float | None
     wall_s: float
+    uplink_bits: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -105,6 +119,10 @@ def write_run(directory: Path, records: Sequence[RoundRecord], summary: RunSumma
                     r.bytes_down,
                     f"{r.density:.6f}",
                     "" if r.epsilon is None else f"{r.epsilon:.6f}",
+                    *(
+                        f"{r.uplink_bits[part]:.5f}" if part in r.uplink_bits else ""
+                        for part in BREAKDOWN_KEYS
+                    ),
                 ]
             )
     body = asdict(summary) | {"bytes_total": summary.bytes_total}

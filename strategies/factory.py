@@ -135,7 +135,7 @@ def build_strategy(cfg: RunConfig, *, prunable: Sequence[str]) -> BuiltStrategy:
     payload = CompressedPayload(
         ReplyValidation(inner, limits),
         cfg.codec(),
-        update_codec=cfg.update_codec(),
+        update_codec=cfg.downlink_update_codec(),
         delta_downlink=cfg.delta_downlink,
     )
     return BuiltStrategy(WireAccounting(payload), payload, masking)

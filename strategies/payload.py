@@ -79,6 +79,16 @@ class CompressedPayload(StrategyWrapper):
         self._ref_version = 0
         self._node_ref_version: dict[int, int] = {}
         self.num_rejected: dict[int, int] = {}
+        self._seed_digest: str | None = None
+        self._uplink_bits: list[dict[str, float]] = []
+
+    def expect_seeded_start(self, digest: str) -> None:
+        """Send no model in the first training round if the global weights have ``digest``.
+
+        Every node builds the initial model from the run config and seed and checks it against
+        ``digest`` (``payload-kind = "seed"``); a resumed run or a pruned start sends weights.
+        """
+        self._seed_digest = digest
 
     # -- downlink ---------------------------------------------------------------------------
     def _round_state(self, content: RecordDict) -> ConfigRecord:
@@ -121,6 +131,14 @@ class CompressedPayload(StrategyWrapper):
             return []
         config = self._round_state(messages[0].content)
         use_delta = train and self.delta_downlink
+        seed_digest = self._seed_digest if train else None
+        if train:
+            self._seed_digest = None  # only the first training round can start from the seed
+        seeded = (
+            seed_digest is not None
+            and self._masks is None
+            and codec.weights_digest(self._global) == seed_digest
+        )
         base: dict[str, np.ndarray] | None = None
         if use_delta and self._ref is not None:
             base = self._masked(self._ref)
@@ -157,7 +175,9 @@ class CompressedPayload(StrategyWrapper):
         def record(kind: str, send_masks: bool) -> ArrayRecord:
             nonlocal weights_payload
             if (kind, send_masks) not in records:
-                if kind == "delta":
+                if kind == "seed":
+                    payload = {}
+                elif kind == "delta":
                     payload = delta_payloads[send_masks]
                 else:
                     payload = codec.encode(
@@ -170,9 +190,12 @@ class CompressedPayload(StrategyWrapper):
         out: list[Message] = []
         for message in messages:
             node = message.metadata.dst_node_id
-            kind = "delta" if holds_ref[node] else "weights"
+            kind = "seed" if seeded else "delta" if holds_ref[node] else "weights"
             node_config = ConfigRecord(dict(config))
             node_config[keys.PAYLOAD_KIND] = kind
+            if seeded:
+                assert seed_digest is not None
+                node_config[keys.MODEL_DIGEST] = seed_digest
             if use_delta:
                 node_config[keys.REF_VERSION] = self._ref_version + 1
             content = RecordDict(
@@ -198,6 +221,8 @@ class CompressedPayload(StrategyWrapper):
             if change is not None:
                 assert base is not None
                 self._ref = {k: base[k] + change[k] for k in base}
+            elif seeded:
+                self._ref = {k: g.copy() for k, g in self._global.items()}
             else:
                 assert weights_payload is not None
                 self._ref = codec.decode(weights_payload, masks=self._masks)
@@ -235,7 +260,9 @@ class CompressedPayload(StrategyWrapper):
         if size > self._max_reply_bytes:
             raise ValueError(f"payload of {size} B exceeds the cap of {self._max_reply_bytes} B")
         shapes = {name: g.shape for name, g in self._global.items()}
-        delta = codec.decode(from_record(record), masks=self._masks, shapes=shapes)
+        payload = from_record(record)
+        delta = codec.decode(payload, masks=self._masks, shapes=shapes)
+        self._uplink_bits.append(codec.bits_breakdown(payload))
         weights = {name: g + delta[name] for name, g in self._global.items()}
         content[keys.ARRAYS] = to_record(weights)
         vote_record = content.array_records.get(keys.MASK_VOTE)
@@ -268,6 +295,7 @@ class CompressedPayload(StrategyWrapper):
         """Decode every reply, drop the malformed ones, aggregate with the inner strategy."""
         accepted: list[Message] = []
         rejected = 0
+        self._uplink_bits = []
         for reply in replies:
             if not reply.has_error():
                 try:
@@ -291,6 +319,9 @@ class CompressedPayload(StrategyWrapper):
         metrics = MetricRecord() if metrics is None else metrics
         # Replies that failed to decode, plus those the inner validation dropped.
         metrics[keys.NUM_REJECTED] = rejected + scalar(metrics, keys.NUM_REJECTED, int, 0)
+        for part in codec.BREAKDOWN_KEYS if self._uplink_bits else ():
+            mean = sum(bits[part] for bits in self._uplink_bits) / len(self._uplink_bits)
+            metrics[f"{keys.UPLINK_BITS}-{part}"] = mean
         return arrays, metrics
 
     def summary(self) -> None:

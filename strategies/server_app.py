@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from clients import core
-from fedprune import keys
+from fedprune import codec, keys
 from fedprune.checkpoint import (
     SERVER_FILE,
     checkpoint_dir,
@@ -88,6 +88,8 @@ def run(
         return loss, accuracy
 
     initial = to_record(get_weights(model))
+    if cfg.seeded_start and built.payload is not None:
+        built.payload.expect_seeded_start(codec.weights_digest(get_weights(model)))
     resumed = _resume(cfg, checkpoint_file, built.strategy) if cfg.resume else None
     arrays, records, done, elapsed = resumed or (initial, [], 0, 0.0)
     strategy = built.strategy
@@ -129,6 +131,11 @@ def run(
                 density=scalar(train_metrics, keys.DENSITY, float, global_density),
                 epsilon=None if epsilon < 0 else epsilon,
                 wall_s=traffic.wall_s,
+                uplink_bits={
+                    part: scalar(train_metrics, f"{keys.UPLINK_BITS}-{part}", float)
+                    for part in codec.BREAKDOWN_KEYS
+                    if f"{keys.UPLINK_BITS}-{part}" in train_metrics
+                },
             )
         )
         if cfg.checkpoint:

@@ -57,19 +57,25 @@ The package's modules: :mod:`~fedprune.codec.format` (keys, flags, :class:`Codec
 """
 
 from fedprune.codec.bits import pack_mask, unpack_mask
+from fedprune.codec.breakdown import BREAKDOWN_KEYS, bits_breakdown
 from fedprune.codec.decode import _parse_layout as _parse_layout  # tests read the layout
 from fedprune.codec.decode import decode, payload_masks, residual
+from fedprune.codec.digest import weights_digest
 from fedprune.codec.encode import encode
 from fedprune.codec.format import (
     FLAG_CODES_ZLIB,
+    FLAG_MASK_RICE,
     FLAG_MASK_SENT,
     FLAG_MASK_ZLIB,
     FLAG_MASKED,
+    FLAG_SELECT_RICE,
     FLAG_SELECT_ZLIB,
     FLAG_SELECTED,
+    FLAG_TERNARY,
     FLWR_CHUNK_SIZE_ENV,
     FLWR_DEFAULT_CHUNK_SIZE,
     FORMAT_VERSION,
+    KEY_BLOB,
     KEY_CODES,
     KEY_MASK,
     KEY_META,
@@ -79,9 +85,11 @@ from fedprune.codec.format import (
     KEY_VALUES,
     NAME_SEP,
     QMAX,
+    QMAX4,
     QUANT_BITS,
     ZLIB_LEVEL,
     CodecConfig,
+    Container,
     Payload,
     QuantMode,
     RoundingMode,
@@ -90,15 +98,20 @@ from fedprune.codec.quant import dequantize_int8, quantize_int8
 from fedprune.codec.wire import wire_size
 
 __all__ = [
+    "BREAKDOWN_KEYS",
     "FLAG_CODES_ZLIB",
     "FLAG_MASKED",
+    "FLAG_MASK_RICE",
     "FLAG_MASK_SENT",
     "FLAG_MASK_ZLIB",
     "FLAG_SELECTED",
+    "FLAG_SELECT_RICE",
     "FLAG_SELECT_ZLIB",
+    "FLAG_TERNARY",
     "FLWR_CHUNK_SIZE_ENV",
     "FLWR_DEFAULT_CHUNK_SIZE",
     "FORMAT_VERSION",
+    "KEY_BLOB",
     "KEY_CODES",
     "KEY_MASK",
     "KEY_META",
@@ -108,12 +121,15 @@ __all__ = [
     "KEY_VALUES",
     "NAME_SEP",
     "QMAX",
+    "QMAX4",
     "QUANT_BITS",
     "ZLIB_LEVEL",
     "CodecConfig",
+    "Container",
     "Payload",
     "QuantMode",
     "RoundingMode",
+    "bits_breakdown",
     "decode",
     "dequantize_int8",
     "encode",
@@ -122,5 +138,6 @@ __all__ = [
     "quantize_int8",
     "residual",
     "unpack_mask",
+    "weights_digest",
     "wire_size",
 ]

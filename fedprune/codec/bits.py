@@ -101,3 +101,47 @@ def _check_stream(label: str, arr: object, dtype: np.dtype, length: int) -> None
         )
     if arr.size != length:
         raise ValueError(f"{label} has {arr.size} entries, expected {length}")
+
+
+def _pack_codes(codes: NDArray[np.int8], *, ternary: bool) -> NDArray[np.uint8]:
+    """Pack low-bit codes: signs one bit each (1 = negative), or int4 two per byte.
+
+    int4 codes are stored as 4-bit two's complement, the first of a pair in the high nibble; an
+    odd count leaves a zero low nibble.
+    """
+    if ternary:
+        return np.packbits(codes < 0)
+    nibbles = (codes.astype(np.uint8) & np.uint8(0x0F)).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.concatenate((nibbles, np.zeros(1, np.uint8)))
+    return ((nibbles[0::2] << np.uint8(4)) | nibbles[1::2]).astype(np.uint8)
+
+
+def _packed_codes_len(n: int, *, ternary: bool) -> int:
+    """Bytes of ``n`` packed low-bit codes."""
+    return (n + 7) // 8 if ternary else (n + 1) // 2
+
+
+def _unpack_codes(
+    label: str, packed: NDArray[np.uint8], n: int, *, ternary: bool
+) -> NDArray[np.int8]:
+    """Inverse of :func:`_pack_codes` (``packed`` already checked to hold the right length).
+
+    Raises
+    ------
+    ValueError
+        On the int4 code ``-8`` or set padding bits.
+    """
+    if ternary:
+        _check_padding(label, packed, n)
+        sign = np.unpackbits(packed, count=n).view(np.int8)
+        return (np.int8(1) - np.int8(2) * sign).astype(np.int8)
+    if n % 2 and packed.size and packed[-1] & 0x0F:
+        raise ValueError(f"{label} has a non-zero padding nibble")
+    nibbles = np.empty(2 * packed.size, dtype=np.uint8)
+    nibbles[0::2] = packed >> np.uint8(4)
+    nibbles[1::2] = packed & np.uint8(0x0F)
+    nibbles = nibbles[:n]
+    if (nibbles == 8).any():
+        raise ValueError(f"{label} has the int4 code -8")
+    return ((nibbles.astype(np.int8) ^ np.int8(8)) - np.int8(8)).astype(np.int8)

@@ -9,23 +9,34 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from fedprune.codec.bits import _check_padding, _check_stream, _unpack_bits_at
+from fedprune.codec.bits import (
+    _check_padding,
+    _check_stream,
+    _packed_codes_len,
+    _unpack_bits_at,
+    _unpack_codes,
+)
+from fedprune.codec.container import is_blob, unpack_blob
 from fedprune.codec.entropy import _inflate
 from fedprune.codec.format import (
     _KEY_ORDER,
     _META_HEAD,
     _PAYLOAD_FLAGS,
     _QUANT_CHANNEL,
+    _QUANT_LOWBIT,
     _QUANT_NONE,
     _TENSOR_FLAGS,
     _TENSOR_HEAD,
     _VALUES_DTYPE,
     FLAG_CODES_ZLIB,
+    FLAG_MASK_RICE,
     FLAG_MASK_SENT,
     FLAG_MASK_ZLIB,
     FLAG_MASKED,
+    FLAG_SELECT_RICE,
     FLAG_SELECT_ZLIB,
     FLAG_SELECTED,
+    FLAG_TERNARY,
     FORMAT_VERSION,
     KEY_CODES,
     KEY_MASK,
@@ -42,8 +53,16 @@ from fedprune.codec.format import (
     _effective_quant,
     _Entry,
     _label,
+    _position_counts,
 )
-from fedprune.codec.quant import _check_scales, _dequantize
+from fedprune.codec.quant import (
+    _check_scales,
+    _check_scales16,
+    _dequantize,
+    _dequantize_lowbit,
+    _row_counts,
+)
+from fedprune.codec.rice import rice_decode
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,10 @@ class _Layout:
     @property
     def quant(self) -> int:
         return self.flags & QUANT_BITS
+
+    def position_counts(self, key: str) -> list[tuple[int, int]]:
+        """Return ``(set bits, bits)`` per tensor segment of a bit stream."""
+        return _position_counts(self.entries, key)
 
     def expected_keys(self) -> list[str]:
         """Return the key set these flags and tensors imply, in :func:`encode` order."""
@@ -123,8 +146,16 @@ def _parse_layout(payload: Mapping[str, np.ndarray]) -> _Layout:
     version, flags, n_tensors = meta[:_META_HEAD]
     if version != FORMAT_VERSION:
         raise ValueError(f"{label}: format version {version} != {FORMAT_VERSION}")
-    if flags & ~_PAYLOAD_FLAGS or (flags & QUANT_BITS) > _QUANT_CHANNEL:
+    if flags & ~_PAYLOAD_FLAGS:
         raise ValueError(f"{label}: unknown payload flags {flags:#x}")
+    if flags & FLAG_TERNARY and flags & QUANT_BITS != _QUANT_LOWBIT:
+        raise ValueError(f"{label}: ternary flagged outside the low-bit mode")
+    for zlib_flag, rice_flag, key in (
+        (FLAG_MASK_ZLIB, FLAG_MASK_RICE, KEY_MASK),
+        (FLAG_SELECT_ZLIB, FLAG_SELECT_RICE, KEY_SELECT),
+    ):
+        if flags & zlib_flag and flags & rice_flag:
+            raise ValueError(f"{label}: stream {key!r} flagged both zlib and Rice")
     if not 0 <= n_tensors <= (len(meta) - _META_HEAD) // _TENSOR_HEAD:
         raise ValueError(f"{label}: {n_tensors} tensors do not fit its {len(meta)} entries")
     names = _parse_names(payload, n_tensors)
@@ -177,12 +208,14 @@ def _parse_layout(payload: Mapping[str, np.ndarray]) -> _Layout:
         n_select += entry.n_select_bits
     if pos != len(meta):
         raise ValueError(f"{label} has {len(meta) - pos} trailing entries")
-    if flags & FLAG_MASK_ZLIB and not any(e.flags & FLAG_MASK_SENT for e in entries):
+    if flags & (FLAG_MASK_ZLIB | FLAG_MASK_RICE) and not any(
+        e.flags & FLAG_MASK_SENT for e in entries
+    ):
         raise ValueError(f"{label}: compressed mask flagged but no mask sent")
     selected = [bool(e.flags & FLAG_SELECTED) for e in entries]
     if any(selected) and not all(selected):
         raise ValueError(f"{label}: top-k selection flagged for some tensors only")
-    if flags & FLAG_SELECT_ZLIB and not any(selected):
+    if flags & (FLAG_SELECT_ZLIB | FLAG_SELECT_RICE) and not any(selected):
         raise ValueError(f"{label}: compressed selection flagged but nothing selected")
     layout = _Layout(flags, entries, n_values, n_scales, n_bits, n_select)
     expected = layout.expected_keys()
@@ -209,11 +242,23 @@ def _read_stream(
 
 
 def _read_bits(
-    payload: Mapping[str, np.ndarray], key: str, n_bits: int, compressed: bool
+    payload: Mapping[str, np.ndarray], key: str, layout: _Layout
 ) -> NDArray[np.uint8] | None:
-    """Validate a bit stream (``mask`` or ``select``); ``None`` when the payload has none."""
+    """Validate a bit stream (``mask`` or ``select``) and return it bit-packed.
+
+    ``None`` when the payload has none. A Rice-coded stream is decoded (into at most the
+    declared number of bits) and packed.
+    """
     if key not in payload:
         return None
+    if key == KEY_MASK:
+        n_bits, zlib_flag, rice_flag = layout.n_bits, FLAG_MASK_ZLIB, FLAG_MASK_RICE
+    else:
+        n_bits, zlib_flag, rice_flag = layout.n_select, FLAG_SELECT_ZLIB, FLAG_SELECT_RICE
+    if layout.flags & rice_flag:
+        flat = rice_decode(_label(key), payload[key], layout.position_counts(key))
+        return np.packbits(flat)
+    compressed = bool(layout.flags & zlib_flag)
     bits = _read_stream(key, payload[key], np.dtype(np.uint8), (n_bits + 7) // 8, compressed)
     _check_padding(_label(key), bits, n_bits)
     return bits
@@ -244,6 +289,30 @@ def _decode_entry(
 ) -> NDArray[np.float32]:
     """Decode one tensor from its slices of the (validated) streams into fresh float32 memory."""
     data = stream[entry.value_start : entry.value_start + entry.n_values]
+    flat_idx = _positions(entry, bits, masks, select)
+    if scales is None:
+        if flat_idx is None:
+            # Copy: the result must not alias (possibly read-only) payload memory.
+            return data.astype(np.float32, copy=True).reshape(entry.shape)
+        out = np.zeros(entry.size, dtype=np.float32)
+        out[flat_idx] = data
+        return out.reshape(entry.shape)
+    if flat_idx is not None:
+        # Scatter in the int8 domain (pruned codes are 0, hence exactly 0.0 below).
+        dense = np.zeros(entry.size, dtype=np.int8)
+        dense[flat_idx] = data
+        data = dense
+    step = scales[entry.scale_start : entry.scale_start + entry.n_scales]
+    return _dequantize(data, step, entry.shape, entry.mode == _QUANT_CHANNEL)
+
+
+def _positions(
+    entry: _Entry,
+    bits: NDArray[np.uint8] | None,
+    masks: Mapping[str, np.ndarray] | None,
+    select: NDArray[np.uint8] | None,
+) -> NDArray[np.int64] | None:
+    """Return the sorted flat indices of a tensor's transmitted entries (``None``: all)."""
     flat_idx: NDArray[np.int64] | None = None
     if entry.flags & FLAG_MASKED:
         flat_idx = np.flatnonzero(_tensor_mask(entry, bits, masks))
@@ -262,20 +331,7 @@ def _decode_entry(
             f"tensor {entry.name!r}: {entry.n_values} transmitted values but the mask "
             f"{'and selection ' if entry.flags & FLAG_SELECTED else ''}keeps {flat_idx.size}"
         )
-    if scales is None:
-        if flat_idx is None:
-            # Copy: the result must not alias (possibly read-only) payload memory.
-            return data.astype(np.float32, copy=True).reshape(entry.shape)
-        out = np.zeros(entry.size, dtype=np.float32)
-        out[flat_idx] = data
-        return out.reshape(entry.shape)
-    if flat_idx is not None:
-        # Scatter in the int8 domain (pruned codes are 0, hence exactly 0.0 below).
-        dense = np.zeros(entry.size, dtype=np.int8)
-        dense[flat_idx] = data
-        data = dense
-    step = scales[entry.scale_start : entry.scale_start + entry.n_scales]
-    return _dequantize(data, step, entry.shape, entry.mode == _QUANT_CHANNEL)
+    return flat_idx
 
 
 def decode(
@@ -313,7 +369,7 @@ def decode(
         ``-128``, a non-finite or non-positive scale, a corrupt zlib stream or trailing bytes, or
         a missing or wrongly shaped mask.
     """
-    _check_keys(payload)
+    payload = _open(payload)
     layout = _parse_layout(payload)
     if shapes is not None:
         got = [(entry.name, entry.shape) for entry in layout.entries]
@@ -328,6 +384,8 @@ def decode(
         )
         if not np.isfinite(stream).all():
             raise ValueError(f"{_label(KEY_VALUES)} has NaN or inf")
+    elif layout.quant == _QUANT_LOWBIT:
+        return _decode_lowbit(payload, layout, masks)
     else:
         stream = _read_stream(
             KEY_CODES, payload[KEY_CODES], np.dtype(np.int8), layout.n_values, compressed
@@ -335,12 +393,52 @@ def decode(
         if stream.size and stream.min() < -QMAX:
             raise ValueError(f"{_label(KEY_CODES)} has the code -128")
         scales = _check_scales(_label(KEY_SCALE), payload[KEY_SCALE], layout.n_scales)
-    bits = _read_bits(payload, KEY_MASK, layout.n_bits, bool(layout.flags & FLAG_MASK_ZLIB))
-    select = _read_bits(payload, KEY_SELECT, layout.n_select, bool(layout.flags & FLAG_SELECT_ZLIB))
+    bits = _read_bits(payload, KEY_MASK, layout)
+    select = _read_bits(payload, KEY_SELECT, layout)
     return {
         entry.name: _decode_entry(entry, stream, scales, bits, masks, select)
         for entry in layout.entries
     }
+
+
+def _open(payload: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """Check the key set; unpack a blob payload into its streams."""
+    if isinstance(payload, Mapping) and is_blob(payload):
+        payload = unpack_blob(payload)
+    _check_keys(payload)
+    return payload
+
+
+def _decode_lowbit(
+    payload: Mapping[str, np.ndarray], layout: _Layout, masks: Mapping[str, np.ndarray] | None
+) -> dict[str, NDArray[np.float32]]:
+    """Decode an int4 or ternary payload: positions first, then codes and per-row scales."""
+    ternary = bool(layout.flags & FLAG_TERNARY)
+    label = _label(KEY_CODES)
+    packed = _read_stream(
+        KEY_CODES,
+        payload[KEY_CODES],
+        np.dtype(np.uint8),
+        _packed_codes_len(layout.n_values, ternary=ternary),
+        bool(layout.flags & FLAG_CODES_ZLIB),
+    )
+    codes = _unpack_codes(label, packed, layout.n_values, ternary=ternary)
+    bits = _read_bits(payload, KEY_MASK, layout)
+    select = _read_bits(payload, KEY_SELECT, layout)
+    placed = []
+    n_rows = 0
+    for entry in layout.entries:
+        flat_idx = _positions(entry, bits, masks, select)
+        counts = _row_counts(flat_idx, entry.shape)
+        placed.append((entry, flat_idx, counts, n_rows))
+        n_rows += int(np.count_nonzero(counts))
+    scales = _check_scales16(_label(KEY_SCALE), payload[KEY_SCALE], n_rows)
+    out: dict[str, NDArray[np.float32]] = {}
+    for entry, flat_idx, counts, start in placed:
+        step = scales[start : start + int(np.count_nonzero(counts))]
+        data = codes[entry.value_start : entry.value_start + entry.n_values]
+        out[entry.name] = _dequantize_lowbit(data, flat_idx, counts, step, entry.shape)
+    return out
 
 
 def payload_masks(payload: Mapping[str, np.ndarray]) -> dict[str, NDArray[np.bool_]]:
@@ -361,9 +459,9 @@ def payload_masks(payload: Mapping[str, np.ndarray]) -> dict[str, NDArray[np.boo
     ValueError
         If the key set, ``meta``, ``names`` or the mask stream is malformed.
     """
-    _check_keys(payload)
+    payload = _open(payload)
     layout = _parse_layout(payload)
-    bits = _read_bits(payload, KEY_MASK, layout.n_bits, bool(layout.flags & FLAG_MASK_ZLIB))
+    bits = _read_bits(payload, KEY_MASK, layout)
     return {
         entry.name: _tensor_mask(entry, bits, None)
         for entry in layout.entries

@@ -8,18 +8,23 @@ from collections.abc import Mapping
 import numpy as np
 from numpy.typing import NDArray
 
-from fedprune.codec.bits import _pack_bits_at
-from fedprune.codec.entropy import _maybe_deflate
+from fedprune.codec.bits import _pack_bits_at, _pack_codes
+from fedprune.codec.container import pack_blob
+from fedprune.codec.entropy import _maybe_deflate, _smallest_positions
 from fedprune.codec.format import (
     _QUANT_CHANNEL,
+    _QUANT_LOWBIT,
     _QUANT_NONE,
     _QUANT_OF,
     FLAG_CODES_ZLIB,
+    FLAG_MASK_RICE,
     FLAG_MASK_SENT,
     FLAG_MASK_ZLIB,
     FLAG_MASKED,
+    FLAG_SELECT_RICE,
     FLAG_SELECT_ZLIB,
     FLAG_SELECTED,
+    FLAG_TERNARY,
     FORMAT_VERSION,
     KEY_CODES,
     KEY_MASK,
@@ -37,9 +42,11 @@ from fedprune.codec.format import (
     _effective_quant,
     _Entry,
     _names_array,
+    _position_counts,
 )
 from fedprune.codec.quant import (
     _quantize_dense,
+    _quantize_lowbit,
     _quantize_masked_channels,
     _quantize_masked_tensor,
 )
@@ -131,7 +138,8 @@ def encode(
 
     # Pass 2: quantize (or copy) every tensor straight into its slice of the streams.
     stream: np.ndarray
-    scales: NDArray[np.float32] | None = None
+    scales: np.ndarray | None = None
+    lowbit_scales: list[NDArray[np.float16]] = []
     if quant == _QUANT_NONE:
         stream = np.empty(n_values, dtype=np.float32)
     else:
@@ -148,6 +156,11 @@ def encode(
         out = stream[entry.value_start : entry.value_start + entry.n_values]
         if scales is None:
             _copy_values(entry.name, x, sent, out)
+        elif quant == _QUANT_LOWBIT:
+            ternary = config.quant == "ternary"
+            lowbit_scales.append(
+                _quantize_lowbit(entry.name, x, sent, ternary, config.rounding, rng, out)
+            )
         else:
             scale_out = scales[entry.scale_start : entry.scale_start + entry.n_scales]
             _quantize_into(entry, x, sent, config.rounding, rng, out, scale_out)
@@ -155,15 +168,21 @@ def encode(
             _pack_bits_at(bits, entry.bit_start, mask.reshape(-1))
 
     flags = quant
+    if quant == _QUANT_LOWBIT:
+        flags |= FLAG_TERNARY if config.quant == "ternary" else 0
+        stream = _pack_codes(stream, ternary=config.quant == "ternary")
+        scales = np.concatenate(lowbit_scales) if lowbit_scales else np.zeros(0, np.float16)
     if config.entropy:
         stream, compressed = _maybe_deflate(stream)
         flags |= FLAG_CODES_ZLIB if compressed else 0
         if bits is not None:
-            bits, compressed = _maybe_deflate(bits)
-            flags |= FLAG_MASK_ZLIB if compressed else 0
+            counts = _position_counts(entries, KEY_MASK)
+            bits, kind = _smallest_positions(bits, n_bits, counts)
+            flags |= {"zlib": FLAG_MASK_ZLIB, "rice": FLAG_MASK_RICE}.get(kind, 0)
         if select is not None:
-            select, compressed = _maybe_deflate(select)
-            flags |= FLAG_SELECT_ZLIB if compressed else 0
+            counts = _position_counts(entries, KEY_SELECT)
+            select, kind = _smallest_positions(select, n_select, counts)
+            flags |= {"zlib": FLAG_SELECT_ZLIB, "rice": FLAG_SELECT_RICE}.get(kind, 0)
 
     meta: list[int] = [FORMAT_VERSION, flags, len(entries)]
     for entry in entries:
@@ -181,7 +200,7 @@ def encode(
         payload[KEY_SELECT] = select
     if bits is not None:
         payload[KEY_MASK] = bits
-    return payload
+    return pack_blob(payload) if config.container == "blob" else payload
 
 
 def _select_topk(

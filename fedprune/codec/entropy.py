@@ -1,12 +1,14 @@
-"""The zlib entropy stage: deflate a stream when that makes it smaller on the wire."""
+"""The entropy stage: zlib, or a Rice code for bit streams, where it is smaller on the wire."""
 
 from __future__ import annotations
 
 import zlib
 
 import numpy as np
+from numpy.typing import NDArray
 
 from fedprune.codec.format import ZLIB_LEVEL, _label
+from fedprune.codec.rice import rice_encode
 from fedprune.codec.wire import _array_wire_bytes
 
 
@@ -33,3 +35,24 @@ def _inflate(key: str, stream: np.ndarray, nbytes: int) -> bytes:
     if inflater.unused_data:
         raise ValueError(f"{_label(key)}: trailing bytes after the zlib stream")
     return raw
+
+
+def _smallest_positions(
+    bits: NDArray[np.uint8], n_bits: int, counts: list[tuple[int, int]]
+) -> tuple[NDArray[np.uint8], str]:
+    """Return the smallest of a packed bit stream, its zlib and its Rice code on the wire.
+
+    ``counts`` holds ``(n_ones, n_bits)`` per segment. The kind is ``"raw"``, ``"zlib"`` or
+    ``"rice"``.
+    """
+    options: list[tuple[int, int, NDArray[np.uint8], str]] = [
+        (_array_wire_bytes(bits), 0, bits, "raw")
+    ]
+    packed, compressed = _maybe_deflate(bits)
+    if compressed:
+        options.append((_array_wire_bytes(packed), 1, packed, "zlib"))
+    flat = np.unpackbits(bits, count=n_bits).view(np.bool_)
+    rice = rice_encode(flat, counts)
+    options.append((_array_wire_bytes(rice), 2, rice, "rice"))
+    _, _, stream, kind = min(options, key=lambda option: option[:2])
+    return stream, kind

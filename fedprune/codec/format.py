@@ -9,7 +9,8 @@ from typing import Final, Literal, TypeAlias, get_args
 import numpy as np
 from numpy.typing import NDArray
 
-QuantMode = Literal["none", "int8", "int8-channel"]
+QuantMode = Literal["none", "int8", "int8-channel", "int4-channel", "ternary"]
+Container = Literal["arrays", "blob"]
 RoundingMode = Literal["nearest", "stochastic"]
 Payload: TypeAlias = dict[str, np.ndarray]
 
@@ -21,6 +22,8 @@ KEY_SCALE: Final = "scale"
 KEY_VALUES: Final = "values"
 KEY_SELECT: Final = "select"
 KEY_MASK: Final = "mask"
+KEY_BLOB: Final = "blob"
+"""The single key of a payload packed into one array (``CodecConfig(container="blob")``)."""
 _KEY_ORDER: Final = (KEY_META, KEY_NAMES, KEY_CODES, KEY_SCALE, KEY_VALUES, KEY_SELECT, KEY_MASK)
 """Every payload key, in the order :func:`encode` writes them."""
 NAME_SEP: Final = "\n"
@@ -35,14 +38,20 @@ QMAX: Final = 127
 _META_HEAD: Final = 3
 _TENSOR_HEAD: Final = 3
 QUANT_BITS: Final = 0b11
-"""Quantization mode bits: 0 = float32 values, 1 = int8 per tensor, 2 = int8 per channel."""
+"""Quantization mode bits: 0 = float32 values, 1 = int8 per tensor, 2 = int8 per channel,
+3 = low-bit per row (int4, or ternary with :data:`FLAG_TERNARY`)."""
 _QUANT_NONE: Final = 0
 _QUANT_TENSOR: Final = 1
 _QUANT_CHANNEL: Final = 2
+_QUANT_LOWBIT: Final = 3
+QMAX4: Final = 7
+"""Largest int4 code magnitude (``-8`` is never produced)."""
 _QUANT_OF: Final[dict[str, int]] = {
     "none": _QUANT_NONE,
     "int8": _QUANT_TENSOR,
     "int8-channel": _QUANT_CHANNEL,
+    "int4-channel": _QUANT_LOWBIT,
+    "ternary": _QUANT_LOWBIT,
 }
 FLAG_MASKED: Final = 1 << 2
 """Tensor flag: the tensor is sparse, only entries under its mask are transmitted."""
@@ -56,7 +65,21 @@ FLAG_SELECTED: Final = 1 << 6
 """The tensor is top-k sparsified: ``select`` holds a bit per candidate entry."""
 FLAG_SELECT_ZLIB: Final = 1 << 7
 """The ``select`` stream is zlib-compressed."""
-_PAYLOAD_FLAGS: Final = QUANT_BITS | FLAG_CODES_ZLIB | FLAG_MASK_ZLIB | FLAG_SELECT_ZLIB
+FLAG_TERNARY: Final = 1 << 8
+"""Payload flag (low-bit mode): codes are signs (one bit each), not int4 nibbles."""
+FLAG_SELECT_RICE: Final = 1 << 9
+"""The ``select`` stream is Rice-coded gaps (:mod:`fedprune.codec.rice`)."""
+FLAG_MASK_RICE: Final = 1 << 10
+"""The ``mask`` stream is Rice-coded gaps."""
+_PAYLOAD_FLAGS: Final = (
+    QUANT_BITS
+    | FLAG_CODES_ZLIB
+    | FLAG_MASK_ZLIB
+    | FLAG_SELECT_ZLIB
+    | FLAG_TERNARY
+    | FLAG_SELECT_RICE
+    | FLAG_MASK_RICE
+)
 _TENSOR_FLAGS: Final = QUANT_BITS | FLAG_MASKED | FLAG_MASK_SENT | FLAG_SELECTED
 
 ZLIB_LEVEL: Final = 6
@@ -94,16 +117,24 @@ class CodecConfig:
 
     Parameters
     ----------
-    quant : {"int8-channel", "int8", "none"}
+    quant : {"int8-channel", "int8", "none", "int4-channel", "ternary"}
         ``"int8-channel"``: symmetric int8 with one float32 step size per output channel
         (axis 0) for tensors with ``ndim >= 2`` and per tensor otherwise; ``"int8"``: one
-        step size per tensor; ``"none"``: float32 values pass through (still sparse).
+        step size per tensor; ``"none"``: float32 values pass through (still sparse);
+        ``"int4-channel"``: codes in ``[-7, 7]`` (two per byte) with one float16 step per row
+        (axis 0; a 0-d or 1-D tensor is one row) *that carries entries*; ``"ternary"``: the
+        sign of each transmitted entry (one bit) times one float16 magnitude per such row (the
+        mean ``|x|`` of its transmitted entries, the least-squares magnitude of a sign code).
     rounding : {"nearest", "stochastic"}
         Round to nearest (error ``<= scale / 2`` up to float32 rounding) or unbiased stochastic
         rounding (``E[decode] == x``; needs an ``rng`` in :func:`encode`).
     entropy : bool
-        Run the lossless zlib stage on the code (or value) stream and on the mask and select
-        streams (kept per stream only when it makes that stream smaller).
+        Run the lossless stage: zlib on the code (or value) stream; zlib or a Rice code of the
+        gaps (:mod:`fedprune.codec.rice`) on the mask and select streams, whichever is
+        smallest on the wire (raw when neither shrinks it).
+    container : {"arrays", "blob"}
+        ``"arrays"``: one array per stream; ``"blob"``: the whole payload in one uint8 array
+        under :data:`KEY_BLOB` (one Flower ``Array`` per message instead of five or six).
     topk : float
         Fraction in ``(0, 1]`` of each tensor's candidate entries (its kept entries if masked,
         else all) that is transmitted: the ``ceil(topk * n)`` largest in magnitude, the rest
@@ -115,6 +146,7 @@ class CodecConfig:
     rounding: RoundingMode = "nearest"
     entropy: bool = False
     topk: float = 1.0
+    container: Container = "arrays"
 
     def __post_init__(self) -> None:
         if self.quant not in get_args(QuantMode):
@@ -127,6 +159,12 @@ class CodecConfig:
             raise ValueError(f"entropy must be a bool, got {self.entropy!r}")
         if not (isinstance(self.topk, (int, float)) and 0.0 < self.topk <= 1.0):
             raise ValueError(f"topk must be in (0, 1], got {self.topk!r}")
+        if self.container not in get_args(Container):
+            raise ValueError(
+                f"container must be one of {get_args(Container)}, got {self.container!r}"
+            )
+        if self.quant == "ternary" and self.rounding == "stochastic":
+            raise ValueError("ternary codes are signs: stochastic rounding does not apply")
 
 
 @dataclass(frozen=True)
@@ -200,8 +238,8 @@ def _effective_quant(quant: int, ndim: int) -> int:
 
 def _n_scales(mode: int, shape: tuple[int, ...]) -> int:
     """Return the number of step sizes of a tensor in ``mode`` (none for float32 values)."""
-    if mode == _QUANT_NONE:
-        return 0
+    if mode in (_QUANT_NONE, _QUANT_LOWBIT):
+        return 0  # low-bit scales: one per row with entries, counted once positions are known
     return shape[0] if mode == _QUANT_CHANNEL else 1
 
 
@@ -223,3 +261,14 @@ def _check_mask(name: str, mask: object, shape: tuple[int, ...]) -> NDArray[np.b
     if mask.shape != shape:
         raise ValueError(f"mask of {name!r} has shape {mask.shape}, the tensor has {shape}")
     return mask
+
+
+def _position_counts(entries: list[_Entry], key: str) -> list[tuple[int, int]]:
+    """Return ``(set bits, bits)`` per tensor segment of the ``mask`` or ``select`` stream."""
+    if key == KEY_SELECT:
+        return [(e.n_values, e.n_candidates) for e in entries]
+    return [
+        (e.n_candidates if e.flags & FLAG_SELECTED else e.n_values, e.size)
+        for e in entries
+        if e.flags & FLAG_MASK_SENT
+    ]

@@ -1,9 +1,9 @@
-"""Quantization kernels: symmetric int8 per tensor or per output channel (float32 throughout)."""
+"""Quantization kernels: int8 per tensor or per output channel, int4 and ternary per row."""
 
 from __future__ import annotations
 
 import math
-from typing import get_args
+from typing import Final, get_args
 
 import numpy as np
 from numpy.typing import NDArray
@@ -16,6 +16,7 @@ from fedprune.codec.format import (
     _MAX_SCALE,
     _QUANT_CHANNEL,
     _QUANT_TENSOR,
+    QMAX4,
     RoundingMode,
     _as_float32,
     _n_scales,
@@ -289,4 +290,109 @@ def _check_scales(label: str, scales: object, expected: int) -> NDArray[np.float
             f"{label} has a non-finite or non-positive scale (or one so large that code 127 "
             "overflows float32)"
         )
+    return scales
+
+
+# -- Low-bit modes: int4 per row, ternary (sign x per-row magnitude), float16 scales -----------
+_F16_MAX: Final = np.float32(np.finfo(np.float16).max)
+_F32_QMAX4: Final = np.float32(QMAX4)
+
+
+def _lowbit_rows(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(rows, entries per row)`` of a tensor in low-bit mode (0-d and 1-D: one row)."""
+    if len(shape) >= 2:
+        return shape[0], math.prod(shape[1:])
+    return 1, math.prod(shape)
+
+
+def _row_counts(flat_idx: NDArray[np.int64] | None, shape: tuple[int, ...]) -> NDArray[np.int64]:
+    """Return the transmitted entries per row (``flat_idx``: sorted flat indices; ``None``: all)."""
+    rows, per_row = _lowbit_rows(shape)
+    if flat_idx is None:
+        return np.full(rows, per_row, dtype=np.int64)
+    edges = np.arange(rows + 1, dtype=np.int64) * per_row
+    return np.diff(np.searchsorted(flat_idx, edges)).astype(np.int64)
+
+
+def _quantize_lowbit(
+    name: str,
+    x: NDArray[np.float32],
+    mask: NDArray[np.bool_] | None,
+    ternary: bool,
+    rounding: RoundingMode,
+    rng: np.random.Generator | None,
+    codes: NDArray[np.int8],
+) -> NDArray[np.float16]:
+    """Quantize the entries of ``x`` under ``mask`` (all without) to int4 or sign codes.
+
+    Writes the codes into ``codes`` (int8, in ``[-7, 7]`` or ``{-1, 1}``) and returns the
+    float16 scales of the rows that carry at least one entry, in row order. Codes are computed
+    against the float16-rounded scale, so ``decode = code * scale`` is what the encoder assumed.
+    A scale that would overflow float16 is capped at its largest finite value; one that
+    underflows becomes 0 (the row decodes to zeros; error feedback carries it).
+    """
+    flat = x.reshape(-1)
+    flat_idx = None if mask is None else np.flatnonzero(mask)
+    vals = flat.copy() if flat_idx is None else flat.take(flat_idx)
+    if not np.isfinite(vals).all():
+        raise ValueError(f"tensor {name!r} has non-finite (NaN or inf) entries")
+    counts = _row_counts(flat_idx, x.shape)
+    filled = counts[counts > 0]
+    if not filled.size:
+        return np.zeros(0, dtype=np.float16)
+    starts = np.concatenate(([0], np.cumsum(filled)[:-1]))
+    magnitude = np.abs(vals)
+    if ternary:
+        scale32 = np.add.reduceat(magnitude, starts, dtype=np.float32) / filled.astype(np.float32)
+    else:
+        scale32 = np.maximum.reduceat(magnitude, starts) / _F32_QMAX4
+    scales = np.minimum(scale32, _F16_MAX).astype(np.float16)
+    if ternary:
+        codes[...] = np.where(vals < 0, np.int8(-1), np.int8(1))
+        return scales
+    step = scales.astype(np.float32)
+    inv = np.divide(_F32_ONE, step, out=np.zeros_like(step), where=step > 0)
+    vals *= np.repeat(inv, filled)
+    if rounding == "nearest":
+        np.rint(vals, out=vals)
+    else:
+        if rng is None:
+            raise ValueError("rng is required for stochastic rounding")
+        vals += rng.random(vals.shape, dtype=np.float32)
+        np.floor(vals, out=vals)
+    np.clip(vals, -_F32_QMAX4, _F32_QMAX4, out=vals)
+    np.copyto(codes, vals, casting="unsafe")
+    return scales
+
+
+def _dequantize_lowbit(
+    codes: NDArray[np.int8],
+    flat_idx: NDArray[np.int64] | None,
+    counts: NDArray[np.int64],
+    scales: NDArray[np.float16],
+    shape: tuple[int, ...],
+) -> NDArray[np.float32]:
+    """Return a fresh float32 tensor: ``code * scale of its row`` at ``flat_idx``, else 0."""
+    rows, per_row = _lowbit_rows(shape)
+    full = np.zeros(rows, dtype=np.float32)
+    full[counts > 0] = scales.astype(np.float32)
+    if flat_idx is None:
+        out = codes.astype(np.float32)
+    else:
+        out = np.zeros(rows * per_row, dtype=np.float32)
+        out[flat_idx] = codes
+    out.reshape(rows, per_row)[...] *= full[:, None]
+    return out.reshape(shape)
+
+
+def _check_scales16(label: str, scales: object, expected: int) -> NDArray[np.float16]:
+    """Validate a low-bit scale stream: 1-D float16, ``expected`` entries, finite, ``>= 0``."""
+    if not isinstance(scales, np.ndarray) or scales.dtype != np.float16 or scales.ndim != 1:
+        raise ValueError(f"{label} must be a 1-D float16 array in low-bit mode")
+    if scales.size != expected:
+        raise ValueError(
+            f"{label} has {scales.size} scales, but {expected} rows carry transmitted entries"
+        )
+    if not ((scales >= 0) & np.isfinite(scales)).all():
+        raise ValueError(f"{label} has a negative or non-finite scale")
     return scales

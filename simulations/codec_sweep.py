@@ -1,0 +1,184 @@
+"""Issue 14's sweep: codec rows on a scenario over several seeds, with mean ± sd.
+
+    python -m simulations.codec_sweep --rows fedavg-fp32,tern-topk0.02 --seeds 0,1,2
+    python -m simulations.codec_sweep --report            # the table of what has run
+
+Each (row, seed) runs in Flower's Ray simulation like :mod:`simulations.compare` (same scenario
+base config, the seed replaced) and writes ``<out>/<row>/s<seed>/`` (``rounds.csv``,
+``summary.json``); a run whose ``summary.json`` exists is not run again. ``--report`` writes
+``<out>/summary.md``: per row, the mean ± sd over its seeds of final accuracy, total bytes, the
+ratio against ``fedavg-fp32`` (per seed, against the FedAvg run of the same seed) and bytes to the
+target accuracy, and the mean uplink bits per parameter by payload part (positions and their
+entropy H(p), values, scales, framing) over the last round of each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedprune.codec import BREAKDOWN_KEYS
+from simulations.compare import quiet_flower_logs
+from simulations.scenarios import FEDAVG, SCENARIOS, Row, Scenario
+from simulations.simulate import simulate
+
+_TOPK_DELTA = {"quant": "int8-channel", "target-density": 1.0, "delta-downlink": True}
+_NEW = {"container": "blob", "seeded-start": True}
+
+
+def _row(name: str, quant: str, topk: float, down_topk: float = 0.0, **more: Any) -> Row:
+    changes = {**_TOPK_DELTA, **_NEW, "quant": quant, "update-topk": topk}
+    if down_topk:
+        changes["downlink-topk"] = down_topk
+    return Row(name, {**changes, **more})
+
+
+CODEC_ROWS: tuple[Row, ...] = (
+    _row("int8-topk0.05-blob", "int8-channel", 0.05),
+    _row("int4-topk0.05", "int4-channel", 0.05, downlink_quant="int8-channel"),
+    _row("int4-topk0.03", "int4-channel", 0.03, downlink_quant="int8-channel"),
+    _row("tern-topk0.05", "ternary", 0.05, downlink_quant="int8-channel"),
+    _row("tern-topk0.03", "ternary", 0.03, downlink_quant="int8-channel"),
+    _row("tern-topk0.02", "ternary", 0.02, downlink_quant="int8-channel"),
+    _row("tern-topk0.01", "ternary", 0.01, downlink_quant="int8-channel"),
+    _row("tern-topk0.02-down0.01", "ternary", 0.02, 0.01, downlink_quant="int8-channel"),
+    _row("tern-topk0.03-down-tern", "ternary", 0.03),
+)
+"""Candidate rows (issue 14): every new row sends one Array per payload and starts seeded."""
+
+
+def _fix(row: Row) -> Row:
+    return Row(row.name, {k.replace("_", "-"): v for k, v in row.changes.items()})
+
+
+def rows_of(scenario: Scenario) -> dict[str, Row]:
+    """Return the scenario's rows and the codec rows by name."""
+    rows = {r.name: r for r in scenario.rows}
+    rows.update({r.name: _fix(r) for r in CODEC_ROWS})
+    return rows
+
+
+def run(
+    scenario: Scenario,
+    out: Path,
+    names: Sequence[str],
+    seeds: Sequence[int],
+    rounds: int | None = None,
+) -> None:
+    """Run every (row, seed) not run yet, seeds outermost (a seed's rows finish together)."""
+    rows = rows_of(scenario)
+    unknown = sorted(set(names) - set(rows))
+    if unknown:
+        raise ValueError(f"unknown row(s) {unknown}; known: {sorted(rows)}")
+    quiet_flower_logs()
+    for seed in seeds:
+        for name in names:
+            directory = out / name
+            if (directory / f"s{seed}" / "summary.json").exists():
+                continue
+            row = Row(f"s{seed}", {**rows[name].changes, "seed": seed})
+            cfg = scenario.config(row, str(directory), rounds)
+            summary = simulate(cfg, num_supernodes=scenario.num_clients, quiet=True)
+            print(
+                f"{name} seed {seed}: accuracy {summary.final_accuracy:.4f}, "
+                f"bytes {summary.bytes_total:,}, {summary.wall_s:.0f} s",
+                flush=True,
+            )
+
+
+def _mean_sd(values: list[float], fmt: str) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:{fmt}} (1 seed)"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+
+
+def report(scenario: Scenario, out: Path) -> str:
+    """Write ``<out>/summary.md`` from the runs on disk and return it."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for summary_file in sorted(out.glob("*/s*/summary.json")):
+        name, seed = summary_file.parent.parent.name, int(summary_file.parent.name[1:])
+        body = json.loads(summary_file.read_text())
+        with (summary_file.parent / "rounds.csv").open(newline="") as f:
+            rounds = list(csv.DictReader(f))
+        sent, to_target = 0, None
+        for r in rounds:
+            sent += int(r["bytes_up"]) + int(r["bytes_down"])
+            if to_target is None and float(r["accuracy"]) >= scenario.target_accuracy:
+                to_target = sent
+        body["to_target"] = to_target
+        body["bits"] = {
+            part: float(rounds[-1][f"uplink_bits_{part}"])
+            for part in BREAKDOWN_KEYS
+            if rounds and rounds[-1].get(f"uplink_bits_{part}")
+        }
+        runs.setdefault(name, {})[seed] = body
+    base = runs.get(FEDAVG, {})
+    lines = [
+        "| row | seeds | final accuracy | Δ vs FedAvg (points) | bytes total | ratio vs FedAvg "
+        "| bytes to target | ratio to target | uplink bits/param: positions (H) / values / "
+        "scales / framing |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, by_seed in sorted(
+        runs.items(), key=lambda kv: -statistics.mean(b["bytes_total"] for b in kv[1].values())
+    ):
+        seeds = sorted(by_seed)
+        acc = [by_seed[s]["final_accuracy"] for s in seeds]
+        delta = [
+            100 * (by_seed[s]["final_accuracy"] - base[s]["final_accuracy"])
+            for s in seeds
+            if s in base
+        ]
+        total = [float(by_seed[s]["bytes_total"]) for s in seeds]
+        ratio = [base[s]["bytes_total"] / by_seed[s]["bytes_total"] for s in seeds if s in base]
+        target = [float(by_seed[s]["to_target"]) for s in seeds if by_seed[s]["to_target"]]
+        ratio_t = [
+            base[s]["to_target"] / by_seed[s]["to_target"]
+            for s in seeds
+            if s in base and base[s]["to_target"] and by_seed[s]["to_target"]
+        ]
+        bits = [by_seed[s]["bits"] for s in seeds if by_seed[s]["bits"]]
+        cell = ""
+        if bits:
+            mean = {p: statistics.mean(b[p] for b in bits) for p in BREAKDOWN_KEYS}
+            cell = (
+                f"{mean['positions']:.3f} ({mean['entropy']:.3f}) / {mean['values']:.3f} / "
+                f"{mean['scales']:.3f} / {mean['framing']:.3f}"
+            )
+        lines.append(
+            f"| {name} | {','.join(map(str, seeds))} | {_mean_sd(acc, '.4f')} | "
+            f"{_mean_sd(delta, '+.2f')} | {_mean_sd(total, ',.0f')} | {_mean_sd(ratio, '.1f')} | "
+            f"{_mean_sd(target, ',.0f')} | {_mean_sd(ratio_t, '.1f')} | {cell} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m simulations.codec_sweep", description=__doc__)
+    parser.add_argument("--scenario", default="fashion-mnist", choices=sorted(SCENARIOS))
+    parser.add_argument("--rows", default="", help="comma-separated row names")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--out", type=Path, default=Path("results/codec-sweep"))
+    parser.add_argument("--rounds", type=int, help="override the number of rounds (smoke runs)")
+    parser.add_argument("--report", action="store_true", help="only write the table")
+    args = parser.parse_args(argv)
+    scenario = SCENARIOS[args.scenario]
+    out = args.out.resolve()
+    if not args.report:
+        names = [n for n in args.rows.split(",") if n]
+        run(scenario, out, names, [int(s) for s in args.seeds.split(",")], args.rounds)
+    print(report(scenario, out))
+
+
+if __name__ == "__main__":
+    main()
