@@ -41,13 +41,12 @@ def _row(name: str, quant: str, topk: float, down_topk: float = 0.0, **more: Any
 CODEC_ROWS: tuple[Row, ...] = (
     _row("int8-topk0.05-blob", "int8-channel", 0.05),
     _row("int4-topk0.05", "int4-channel", 0.05, downlink_quant="int8-channel"),
-    _row("int4-topk0.03", "int4-channel", 0.03, downlink_quant="int8-channel"),
-    _row("tern-topk0.05", "ternary", 0.05, downlink_quant="int8-channel"),
-    _row("tern-topk0.03", "ternary", 0.03, downlink_quant="int8-channel"),
-    _row("tern-topk0.02", "ternary", 0.02, downlink_quant="int8-channel"),
-    _row("tern-topk0.01", "ternary", 0.01, downlink_quant="int8-channel"),
-    _row("tern-topk0.02-down0.01", "ternary", 0.02, 0.01, downlink_quant="int8-channel"),
-    _row("tern-topk0.03-down-tern", "ternary", 0.03),
+    _row("tern-topk0.05", "ternary", 0.05),
+    _row("tern-topk0.04", "ternary", 0.04),
+    _row("tern-topk0.03", "ternary", 0.03),
+    _row("tern-topk0.02", "ternary", 0.02),
+    _row("tern-topk0.03-downint8", "ternary", 0.03, downlink_quant="int8-channel"),
+    _row("tern-up0.02-down0.04", "ternary", 0.02, 0.04),
 )
 """Candidate rows (issue 14): every new row sends one Array per payload and starts seeded."""
 
