@@ -83,11 +83,26 @@ def run(
             row = Row(f"s{seed}", {**rows[name].changes, "seed": seed})
             cfg = scenario.config(row, str(directory), rounds)
             summary = simulate(cfg, num_supernodes=scenario.num_clients, quiet=True)
+            if not _complete(directory / f"s{seed}"):
+                # A round with fewer replies than the others (a node crashed, e.g. killed by
+                # Ray's memory monitor) is not the scenario: set the run aside, run it again.
+                failed = directory / f"s{seed}-incomplete"
+                (directory / f"s{seed}").rename(failed)
+                print(f"{name} seed {seed}: incomplete rounds, moved to {failed}", flush=True)
+                continue
             print(
                 f"{name} seed {seed}: accuracy {summary.final_accuracy:.4f}, "
                 f"bytes {summary.bytes_total:,}, {summary.wall_s:.0f} s",
                 flush=True,
             )
+
+
+def _complete(run_dir: Path) -> bool:
+    """Whether every round of a run got as many uplink bytes as its typical round (±50 %)."""
+    with (run_dir / "rounds.csv").open(newline="") as f:
+        up = [int(r["bytes_up"]) for r in csv.DictReader(f)]
+    typical = statistics.median(up) if up else 0
+    return bool(up) and all(u >= 0.5 * typical for u in up)
 
 
 def _mean_sd(values: list[float], fmt: str) -> str:

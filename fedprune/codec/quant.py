@@ -373,15 +373,12 @@ def _dequantize_lowbit(
     shape: tuple[int, ...],
 ) -> NDArray[np.float32]:
     """Return a fresh float32 tensor: ``code * scale of its row`` at ``flat_idx``, else 0."""
-    rows, per_row = _lowbit_rows(shape)
-    full = np.zeros(rows, dtype=np.float32)
-    full[counts > 0] = scales.astype(np.float32)
+    values = codes.astype(np.float32)
+    values *= np.repeat(scales.astype(np.float32), counts[counts > 0])
     if flat_idx is None:
-        out = codes.astype(np.float32)
-    else:
-        out = np.zeros(rows * per_row, dtype=np.float32)
-        out[flat_idx] = codes
-    out.reshape(rows, per_row)[...] *= full[:, None]
+        return values.reshape(shape)
+    out = np.zeros(math.prod(shape), dtype=np.float32)
+    out[flat_idx] = values
     return out.reshape(shape)
 
 
