@@ -51,6 +51,10 @@ CODEC_ROWS: tuple[Row, ...] = (
 """Candidate rows (issue 14): every new row sends one Array per payload and starts seeded."""
 
 
+ATTEMPTS = 3
+"""Start-ups of one run before the sweep moves on (Ray gives a node 30 s to start)."""
+
+
 def _fix(row: Row) -> Row:
     return Row(row.name, {k.replace("_", "-"): v for k, v in row.changes.items()})
 
@@ -82,7 +86,15 @@ def run(
                 continue
             row = Row(f"s{seed}", {**rows[name].changes, "seed": seed})
             cfg = scenario.config(row, str(directory), rounds)
-            summary = simulate(cfg, num_supernodes=scenario.num_clients, quiet=True)
+            summary = None
+            for attempt in range(1, ATTEMPTS + 1):
+                try:
+                    summary = simulate(cfg, num_supernodes=scenario.num_clients, quiet=True)
+                    break
+                except RuntimeError as err:  # e.g. Ray's 30 s node start-up limit on a busy host
+                    print(f"{name} seed {seed}: attempt {attempt} failed: {err}", flush=True)
+            if summary is None:
+                continue
             if not _complete(directory / f"s{seed}"):
                 # A round with fewer replies than the others (a node crashed, e.g. killed by
                 # Ray's memory monitor) is not the scenario: set the run aside, run it again.
