@@ -110,11 +110,14 @@ def run(
 
 
 def _complete(run_dir: Path) -> bool:
-    """Whether every round of a run got as many uplink bytes as its typical round (±50 %)."""
+    """Whether every round got at least 60 % of the uplink bytes of the fullest round.
+
+    Every node replies in every round of these scenarios; a reply of the first round is ~20 %
+    smaller (its positions have structure zlib finds), a missing reply 10 % per node.
+    """
     with (run_dir / "rounds.csv").open(newline="") as f:
         up = [int(r["bytes_up"]) for r in csv.DictReader(f)]
-    typical = statistics.median(up) if up else 0
-    return bool(up) and all(u >= 0.5 * typical for u in up)
+    return bool(up) and all(u >= 0.6 * max(up) for u in up)
 
 
 def _mean_sd(values: list[float], fmt: str) -> str:
