@@ -128,8 +128,12 @@ def _mean_sd(values: list[float], fmt: str) -> str:
     return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
-def report(scenario: Scenario, out: Path) -> str:
-    """Write ``<out>/summary.md`` from the runs on disk and return it."""
+def report(scenario: Scenario, out: Path, baseline: Path | None = None) -> str:
+    """Write ``<out>/summary.md`` from the runs on disk and return it.
+
+    ``baseline``: a ``summary.csv`` of :mod:`simulations.compare` whose ``fedavg-fp32`` row (a
+    run of the scenario's own seed) stands in for a FedAvg run of that seed not run here.
+    """
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for summary_file in sorted(out.glob("*/s*/summary.json")):
         name, seed = summary_file.parent.parent.name, int(summary_file.parent.name[1:])
@@ -149,6 +153,17 @@ def report(scenario: Scenario, out: Path) -> str:
         }
         runs.setdefault(name, {})[seed] = body
     base = runs.get(FEDAVG, {})
+    seed = int(scenario.base.get("seed", 0))
+    if baseline is not None and seed not in base:
+        with baseline.open(newline="") as f:
+            row = next(r for r in csv.DictReader(f) if r["strategy"] == FEDAVG)
+        base[seed] = {
+            "final_accuracy": float(row["final_accuracy"]),
+            "bytes_total": int(row["bytes_total"]),
+            "to_target": int(row["bytes_to_target"]) if row["bytes_to_target"] else None,
+            "bits": {},
+        }
+        runs.setdefault(f"{FEDAVG} ({baseline.name})", {})[seed] = base[seed]
     lines = [
         "| row | seeds | final accuracy | Δ vs FedAvg (points) | bytes total | ratio vs FedAvg "
         "| bytes to target | ratio to target | uplink bits/param: positions (H) / values / "
@@ -200,13 +215,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/codec-sweep"))
     parser.add_argument("--rounds", type=int, help="override the number of rounds (smoke runs)")
     parser.add_argument("--report", action="store_true", help="only write the table")
+    parser.add_argument(
+        "--baseline", type=Path, help="compare.py summary.csv whose fedavg-fp32 row is seed 0's"
+    )
     args = parser.parse_args(argv)
     scenario = SCENARIOS[args.scenario]
     out = args.out.resolve()
     if not args.report:
         names = [n for n in args.rows.split(",") if n]
         run(scenario, out, names, [int(s) for s in args.seeds.split(",")], args.rounds)
-    print(report(scenario, out))
+    print(report(scenario, out, args.baseline))
 
 
 if __name__ == "__main__":
