@@ -198,8 +198,11 @@ def test_lowbit_round_trip(
     w: np.ndarray, quant: str, topk: float, entropy: bool, blob: bool
 ) -> None:
     config = CodecConfig(
-        quant=quant, topk=topk, entropy=entropy, container="blob" if blob else "arrays"
-    )  # type: ignore[arg-type]
+        quant=quant,  # type: ignore[arg-type]
+        topk=topk,
+        entropy=entropy,
+        container="blob" if blob else "arrays",
+    )
     tensors = {"w": w, "b": w[0].copy()}
     payload = codec.encode(tensors, config)
     got = codec.decode(payload)
@@ -334,7 +337,7 @@ def test_unpack_blob_refuses_malformed_blobs(raw: bytes, message: str) -> None:
 
 
 def test_blob_payload_refuses_extra_keys_and_wrong_dtype() -> None:
-    empty = {
+    empty: dict[str, np.ndarray] = {
         "meta": np.array([2, 0, 0], np.int64),
         "names": np.zeros(0, np.uint8),
         "values": np.zeros(0, np.float32),
