@@ -152,7 +152,7 @@ def report(scenario: Scenario, out: Path, baseline: Path | None = None) -> str:
             if rounds and rounds[-1].get(f"uplink_bits_{part}")
         }
         runs.setdefault(name, {})[seed] = body
-    base = runs.get(FEDAVG, {})
+    base = dict(runs.get(FEDAVG, {}))
     seed = int(scenario.base.get("seed", 0))
     if baseline is not None and seed not in base:
         with baseline.open(newline="") as f:
@@ -163,7 +163,7 @@ def report(scenario: Scenario, out: Path, baseline: Path | None = None) -> str:
             "to_target": int(row["bytes_to_target"]) if row["bytes_to_target"] else None,
             "bits": {},
         }
-        runs.setdefault(f"{FEDAVG} ({baseline.name})", {})[seed] = base[seed]
+        runs[FEDAVG] = base  # seed 0 from the baseline file, the others run here
     lines = [
         "| row | seeds | final accuracy | Δ vs FedAvg (points) | bytes total | ratio vs FedAvg "
         "| bytes to target | ratio to target | uplink bits/param: positions (H) / values / "
