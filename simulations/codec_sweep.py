@@ -206,6 +206,49 @@ def report(scenario: Scenario, out: Path, baseline: Path | None = None) -> str:
     return text
 
 
+def objects_per_reply() -> str:
+    """Count the Flower objects and bytes of a reply carrying a top-3 % ternary MLP update.
+
+    Five arrays against one blob, and an empty payload (the message's own objects); the
+    update is random normal, the MLP's shapes are the scenario's.
+    """
+    import numpy as np
+    from flwr.app import Message, MessageType, MetricRecord, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedprune import codec
+    from strategies.accounting import message_wire_bytes
+    from strategies.records import to_record
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    rng = np.random.default_rng(0)
+    shapes = {"0.w": (200, 784), "0.b": (200,), "2.w": (200, 200), "2.b": (200,)}
+    shapes |= {"4.w": (10, 200), "4.b": (10,)}
+    update = {k: (1e-3 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+    lines = []
+    for container in ("arrays", "blob", "empty"):
+        payload: dict[str, np.ndarray] = {}
+        if container != "empty":
+            config = codec.CodecConfig(
+                quant="ternary",
+                topk=0.03,
+                entropy=True,
+                container=container,  # type: ignore[arg-type]
+            )
+            payload = codec.encode(update, config)
+        metrics = MetricRecord({"num-examples": 6000, "server-round": 3, "train-loss": 0.5})
+        content = RecordDict({"arrays": to_record(payload), "metrics": metrics})
+        message = Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+        objects = len(get_all_nested_objects(message))
+        size = message_wire_bytes([message])
+        streams = sum(a.nbytes for a in payload.values())
+        lines.append(
+            f"{container}: {objects} objects, {size} B, of which {size - streams} B framing"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m simulations.codec_sweep", description=__doc__)
@@ -215,10 +258,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/codec-sweep"))
     parser.add_argument("--rounds", type=int, help="override the number of rounds (smoke runs)")
     parser.add_argument("--report", action="store_true", help="only write the table")
+    parser.add_argument("--objects", action="store_true", help="Flower objects of one reply")
     parser.add_argument(
         "--baseline", type=Path, help="compare.py summary.csv whose fedavg-fp32 row is seed 0's"
     )
     args = parser.parse_args(argv)
+    if args.objects:
+        print(objects_per_reply())
+        return
     scenario = SCENARIOS[args.scenario]
     out = args.out.resolve()
     if not args.report:
