@@ -34,7 +34,7 @@ from fedprune.checkpoint import (
     save_round_state,
 )
 from fedprune.config import RunConfig
-from fedprune.models import set_weights
+from fedprune.models import get_weights, set_weights
 
 VOTE_CODEC = codec.CodecConfig(quant="int8-channel")
 """Scores only rank entries: int8 per channel is plenty, whatever the run's payload codec."""
@@ -156,6 +156,10 @@ def decode_downlink(
     """
     arrays = from_record(msg.content.array_records[keys.ARRAYS])
     config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
+    if scalar(config, keys.PAYLOAD_KIND, str, "weights") == "seed":
+        if cfg is None:
+            raise ValueError("a seeded start needs the run config to build the initial model")
+        return seeded_start(context, cfg, config), None
     mask_version = scalar(config, keys.MASK_VERSION, int, 0)
     masks: dict[str, np.ndarray] | None = codec.payload_masks(arrays) or None
     channel_record = msg.content.array_records.get(keys.CHANNEL_MASK)
@@ -183,6 +187,31 @@ def decode_downlink(
             decoded[name] = base + change
     _store(context, keys.STATE_REF, ref_version, decoded)
     return decoded, masks
+
+
+def seeded_start(context: Context, cfg: RunConfig, config: ConfigRecord) -> dict[str, np.ndarray]:
+    """Build the run's initial model here and check it against the server's digest.
+
+    The result becomes the node's reference model (with ``delta-downlink``).
+
+    Raises
+    ------
+    ValueError
+        If this node's initial model differs from the server's (another seed, model or
+        dataset in the run config, or a library that initialises differently).
+    """
+    weights = get_weights(task.new_model(cfg, data_dir(context)))
+    expected = scalar(config, keys.MODEL_DIGEST, str)
+    got = codec.weights_digest(weights)
+    if got != expected:
+        raise ValueError(
+            f"seeded start: this node's initial model (sha256 {got[:16]}...) differs from the "
+            f"server's ({expected[:16]}...); the node and the server must build the model from "
+            "the same run config (seed, model, dataset) and library versions"
+        )
+    if keys.REF_VERSION in config:
+        _store(context, keys.STATE_REF, scalar(config, keys.REF_VERSION, int), weights)
+    return weights
 
 
 def private_teacher(

@@ -21,7 +21,7 @@ from fedprune.catalog import (
     ModelName,
     PartitionScheme,
 )
-from fedprune.codec import CodecConfig, QuantMode
+from fedprune.codec import CodecConfig, Container, QuantMode
 from fedprune.masks import ReconcileRule
 
 StrategyName = Literal["fedavg", "compressed"]
@@ -32,6 +32,7 @@ OptimizerName = Literal["sgd", "adam"]
 PruneMethod = Literal["magnitude", "sensitivity"]
 PruneGranularity = Literal["element", "channel"]
 ChannelNormName = Literal["l1", "l2"]
+DownlinkQuant = Literal["same", "none", "int8", "int8-channel", "int4-channel", "ternary"]
 
 
 RESUMABLE_KEYS = frozenset({"resume", "num-server-rounds", "log-tensorboard", "log-mlflow"})
@@ -106,6 +107,13 @@ class RunConfig:
     error_feedback: bool = True
     update_topk: float = 1.0
     delta_downlink: bool = False
+    # Codec, issue 14: downlink settings of their own, one-array payloads, a seeded start.
+    # "same" / 0.0 take the uplink's quant / update-topk; the full-weights downlink of a low-bit
+    # downlink quant is int8 per channel (signs or int4 of a whole model lose too much).
+    downlink_quant: DownlinkQuant = "same"
+    downlink_topk: float = 0.0
+    container: Container = "arrays"
+    seeded_start: bool = False
     # Differential privacy (client-side DP-SGD with Opacus)
     dp: bool = False
     noise_multiplier: float = 0.0
@@ -219,6 +227,7 @@ class RunConfig:
         )
         _check(0.0 < self.vote_threshold <= 1.0, "vote-threshold", "must be in (0, 1]")
         _check(0.0 < self.update_topk <= 1.0, "update-topk", "must be in (0, 1]")
+        _check(0.0 <= self.downlink_topk <= 1.0, "downlink-topk", "must be in [0, 1] (0: same)")
         if self.strategy == "fedavg":
             _check(
                 self.target_density == 1.0,
@@ -237,6 +246,7 @@ class RunConfig:
                 "prune-granularity",
                 "channel pruning needs strategy='compressed'",
             )
+            _check(not self.seeded_start, "seeded-start", "needs strategy='compressed'")
         if self.dp:
             _check(self.max_grad_norm > 0.0, "max-grad-norm", "must be > 0 when dp is on")
             _check(0.0 < self.target_delta < 1.0, "target-delta", "must be in (0, 1)")
@@ -304,11 +314,28 @@ class RunConfig:
 
     def codec(self) -> CodecConfig:
         """Return the codec of model weights (downlink; every kept entry travels)."""
-        return CodecConfig(quant=self.quant, entropy=self.entropy)
+        quant = self._downlink_quant()
+        if quant in ("int4-channel", "ternary"):
+            quant = "int8-channel"
+        return CodecConfig(quant=quant, entropy=self.entropy, container=self.container)
 
     def update_codec(self) -> CodecConfig:
-        """Return the codec of updates (uplink deltas, delta downlink): top-k sparsified."""
-        return CodecConfig(quant=self.quant, entropy=self.entropy, topk=self.update_topk)
+        """Return the codec of uplink updates (deltas): top-k sparsified."""
+        return CodecConfig(
+            quant=self.quant, entropy=self.entropy, topk=self.update_topk, container=self.container
+        )
+
+    def downlink_update_codec(self) -> CodecConfig:
+        """Return the codec of the delta downlink (the global model's change)."""
+        return CodecConfig(
+            quant=self._downlink_quant(),
+            entropy=self.entropy,
+            topk=self.downlink_topk or self.update_topk,
+            container=self.container,
+        )
+
+    def _downlink_quant(self) -> QuantMode:
+        return self.quant if self.downlink_quant == "same" else self.downlink_quant
 
     @property
     def compressed(self) -> bool:

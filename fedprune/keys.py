@@ -34,7 +34,10 @@ VOTE: Final = "vote"
 MASK_VERSION: Final = "mask-version"
 """Version of the global mask; the payload omits the mask bits when the node already has it."""
 PAYLOAD_KIND: Final = "payload-kind"
-"""Downlink: 'weights' (the global model) or 'delta' (its change since REF_VERSION - 1)."""
+"""Downlink: 'weights' (the global model), 'delta' (its change since REF_VERSION - 1) or
+'seed' (none: the node builds the initial model from the run config, see MODEL_DIGEST)."""
+MODEL_DIGEST: Final = "model-digest"
+"""Seeded start: sha256 of the initial weights (:func:`fedprune.codec.weights_digest`)."""
 REF_VERSION: Final = "ref-version"
 """Version of the reference model a node holds after applying this downlink (delta-downlink)."""
 RESUMED_FROM: Final = "resumed-from"
@@ -50,6 +53,10 @@ BYTES_DOWN: Final = "bytes-down"
 ACCURACY: Final = "accuracy"
 LOSS: Final = "loss"
 NUM_REJECTED: Final = "num-rejected"
+
+UPLINK_BITS: Final = "uplink-bits"
+"""Prefix of the round's mean uplink bits per parameter: ``uplink-bits-<part>`` for every part of
+:data:`fedprune.codec.BREAKDOWN_KEYS` (positions, their entropy, values, scales, framing)."""
 
 # -- Client state (context.state; never on the wire) ----------------------------------------
 STATE_MASK: Final = "mask-cache"

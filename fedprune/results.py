@@ -13,9 +13,11 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fedprune.codec import BREAKDOWN_KEYS
 
 ROUND_COLUMNS = (
     "round",
@@ -30,7 +32,10 @@ ROUND_COLUMNS = (
     "num_rejected",
     "num_bounded",
     "rejected",
+    *(f"uplink_bits_{part}" for part in BREAKDOWN_KEYS),
 )
+"""The uplink_bits_* columns: mean uplink bits per parameter of the round's replies, by payload
+part (:func:`fedprune.codec.bits_breakdown`; empty for uncompressed runs)."""
 CLIENT_COLUMNS = ("round", "node_id", "bytes_up", "bytes_down", "epsilon")
 
 
@@ -52,6 +57,9 @@ class RoundRecord:
     """Why each rejected reply was rejected ("node N: reason")."""
     bounded: tuple[str, ...] = ()
     """Which accepted replies the bounds lowered (example weight, update norm)."""
+
+    uplink_bits: dict[str, float] = field(default_factory=dict)
+    """Mean uplink bits per parameter of the round's replies, by payload part."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,10 @@ def write_run(directory: Path, records: Sequence[RoundRecord], summary: RunSumma
                     len(r.rejections),
                     len(r.bounded),
                     " | ".join(r.rejections),
+                    *(
+                        f"{r.uplink_bits[part]:.5f}" if part in r.uplink_bits else ""
+                        for part in BREAKDOWN_KEYS
+                    ),
                 ]
             )
     body = asdict(summary) | {"bytes_total": summary.bytes_total}

@@ -211,7 +211,9 @@ def bench_codec() -> dict[str, float]:
     dict[str, float]
         ``codec_encode_vs_memcpy`` / ``codec_decode_vs_memcpy`` (int8 per channel, mask at
         density 0.3, no entropy stage; bytes of float32 tensors per second divided by the
-        memcpy rate of the same bytes), the raw timings, and ``wire_bytes_resnet18_*``.
+        memcpy rate of the same bytes), the same for the update codec of the best
+        Fashion-MNIST row (``codec_update_*``: ternary, top 3 %, Rice/zlib stage, one-array
+        blob; dominated by the top-k selection), the raw timings, and ``wire_bytes_resnet18_*``.
     """
     rng = np.random.default_rng(SEED)
     flat, tensors = resnet18_tensors(rng)
@@ -236,6 +238,18 @@ def bench_codec() -> dict[str, float]:
         "codec_wire_size_ms": 1e3 * t["wire_size"],
         "codec_resnet18_float32_bytes": float(flat.nbytes),
     }
+    update = codec.CodecConfig(quant="ternary", topk=0.03, entropy=True, container="blob")
+    update_payload = codec.encode(tensors, update)
+    t = interleaved_medians(
+        {
+            "memcpy": lambda: np.copyto(dst, flat),
+            "encode": lambda: codec.encode(tensors, update),
+            "decode": lambda: codec.decode(update_payload),
+        }
+    )
+    out["codec_update_encode_vs_memcpy"] = t["memcpy"] / t["encode"]
+    out["codec_update_decode_vs_memcpy"] = t["memcpy"] / t["decode"]
+    out["wire_bytes_resnet18_ternary_top0.03"] = float(codec.wire_size(update_payload))
     out["wire_bytes_resnet18_fp32"] = float(codec.wire_size(tensors))
     for density in (1.0, 0.3, 0.1):
         dmasks = None if density == 1.0 else random_masks(tensors, density, rng)

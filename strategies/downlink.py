@@ -53,6 +53,15 @@ class Downlink:
         self._ref_version = 0
         self._node_ref_version: dict[int, int] = {}
         self._mask_version = 0
+        self._seed_digest: str | None = None
+
+    def expect_seeded_start(self, digest: str) -> None:
+        """Send no model in the first training round if the global weights have ``digest``.
+
+        Every node builds the initial model from the run config and seed and checks it against
+        ``digest`` (``payload-kind = "seed"``); a resumed run or a pruned start sends weights.
+        """
+        self._seed_digest = digest
 
     def delivered(self, node: int) -> None:
         """Record that ``node`` answered this round: it holds what the round sent it."""
@@ -88,6 +97,14 @@ class Downlink:
         masks = state.mask
         self._mask_version = state.mask_version
         use_delta = train and self.delta_downlink
+        seed_digest = self._seed_digest if train else None
+        if train:
+            self._seed_digest = None  # only the first training round can start from the seed
+        seeded = (
+            seed_digest is not None
+            and masks is None
+            and codec.weights_digest(state.weights) == seed_digest
+        )
         base: dict[str, np.ndarray] | None = None
         if use_delta and self._ref is not None:
             base = self._masked(self._ref, state)
@@ -132,7 +149,9 @@ class Downlink:
         def record(kind: str, send_masks: bool) -> ArrayRecord:
             nonlocal weights_payload
             if (kind, send_masks) not in records:
-                if kind == "delta":
+                if kind == "seed":
+                    payload: codec.Payload = {}
+                elif kind == "delta":
                     payload = delta_payloads[send_masks]
                 else:
                     payload = codec.encode(
@@ -148,7 +167,7 @@ class Downlink:
         out: list[Message] = []
         for message in messages:
             node = message.metadata.dst_node_id
-            kind = "delta" if holds_ref[node] else "weights"
+            kind = "seed" if seeded else "delta" if holds_ref[node] else "weights"
             config = message.content.config_records.get(keys.CONFIG, ConfigRecord())
             node_config = ConfigRecord(dict(config))
             if masks is not None:
@@ -156,6 +175,9 @@ class Downlink:
                 node_config[keys.VOTE] = state.vote_kind
                 node_config[keys.MASK_VERSION] = state.mask_version
             node_config[keys.PAYLOAD_KIND] = kind
+            if seeded:
+                assert seed_digest is not None
+                node_config[keys.MODEL_DIGEST] = seed_digest
             if use_delta:
                 node_config[keys.REF_VERSION] = self._ref_version + 1
             content = RecordDict(
@@ -183,6 +205,8 @@ class Downlink:
             if change is not None:
                 assert base is not None
                 self._ref = {k: base[k] + change[k] for k in base}
+            elif seeded:
+                self._ref = {k: g.copy() for k, g in state.weights.items()}
             else:
                 assert weights_payload is not None
                 self._ref = codec.decode(weights_payload, masks=masks)

@@ -146,7 +146,7 @@ def build_strategy(
         inner,
         limits=limits,
         codec_config=cfg.codec(),
-        update_codec=cfg.update_codec(),
+        update_codec=cfg.downlink_update_codec(),
         delta_downlink=cfg.delta_downlink,
         masking=masking,
     )

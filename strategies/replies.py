@@ -66,6 +66,8 @@ class TrainReply:
     """Validated scalar metrics, ``num-examples`` and ``server-round`` excluded."""
     vote: dict[str, np.ndarray] | None = None
     """The decoded mask vote (bool masks or float32 scores), if the round asked for one."""
+    bits: dict[str, float] | None = None
+    """Bits per parameter of the encoded update, by payload part (compressed runs)."""
     weight: float = field(init=False)
     """The example weight the aggregation uses (``num_examples`` unless bounded)."""
 
@@ -220,8 +222,10 @@ def read_train_reply(
     content = reply.content
     num_examples, metrics = _read_metrics(content, state.server_round, max_num_examples)
     arrays = read_record(content[keys.ARRAYS], max_bytes=state.max_reply_bytes)
+    bits = None
     if compressed:
         update = codec.decode(arrays, masks=state.mask, shapes=state.shapes)
+        bits = codec.bits_breakdown(arrays)
     else:
         update = _plain_update(arrays, state.weights)
     vote = None
@@ -231,7 +235,7 @@ def read_train_reply(
             vote = state.channels.read_vote(raw, state.vote_rule, state.density)  # type: ignore[arg-type]
         else:
             vote = decode_vote(raw, state)
-    return TrainReply(reply.metadata.src_node_id, num_examples, update, metrics, vote)
+    return TrainReply(reply.metadata.src_node_id, num_examples, update, metrics, vote, bits)
 
 
 def _plain_update(

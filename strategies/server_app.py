@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from boundary.records import from_record, scalar, to_record
-from fedprune import keys, task
+from fedprune import codec, keys, task
 from fedprune.channels import channel_mask_of, shrink
 from fedprune.checkpoint import (
     SERVER_FILE,
@@ -98,6 +98,8 @@ def run(
         return loss, accuracy
 
     initial = to_record(get_weights(model))
+    if cfg.seeded_start and built.fedprune.downlink is not None:
+        built.fedprune.downlink.expect_seeded_start(codec.weights_digest(get_weights(model)))
     resumed = _resume(cfg, checkpoint_file, built.strategy) if cfg.resume else None
     arrays, records, done, elapsed = resumed or (initial, [], 0, 0.0)
     clients = [c for c in read_clients(directory) if c.round <= done]
@@ -144,6 +146,11 @@ def run(
                 num_failed=traffic.failures,
                 rejections=tuple(built.fedprune.rejected.get(server_round, ())),
                 bounded=tuple(built.fedprune.bounded.get(server_round, ())),
+                uplink_bits={
+                    part: scalar(train_metrics, f"{keys.UPLINK_BITS}-{part}", float)
+                    for part in codec.BREAKDOWN_KEYS
+                    if f"{keys.UPLINK_BITS}-{part}" in train_metrics
+                },
             )
         )
         metrics_log.round(records[-1])

@@ -263,6 +263,10 @@ class FedPrune(StrategyWrapper):
             metrics[keys.EPSILON] = max(epsilons)
         if self.masking is not None:
             metrics[keys.DENSITY] = self.masking.density
+        breakdowns = [read.bits for read in reads if read.bits is not None]
+        for part in codec.BREAKDOWN_KEYS if breakdowns else ():
+            mean = sum(bits[part] for bits in breakdowns) / len(breakdowns)
+            metrics[f"{keys.UPLINK_BITS}-{part}"] = mean
         return metrics
 
     def aggregate_evaluate(

@@ -376,6 +376,15 @@ def test_entropy_kept_only_when_smaller() -> None:
             raw = codec.encode(tensors, CodecConfig(quant=quant), masks=masks)
             ent = codec.encode(tensors, CodecConfig(quant=quant, entropy=True), masks=masks)
             assert list(raw) == list(ent)
+            # The mask stream may also be Rice-coded (tests/test_codec_rice.py): here the
+            # compressible 5 % mask must be coded one way or the other, the tiny one not by zlib.
+            mask_coded = payload_flags(ent) & (codec.FLAG_MASK_ZLIB | codec.FLAG_MASK_RICE)
+            assert bool(mask_coded) or label != "compressible"
+            assert not payload_flags(ent) & codec.FLAG_MASK_ZLIB or label == "compressible"
+            if payload_flags(ent) & codec.FLAG_MASK_RICE:
+                for name, mask in codec.payload_masks(ent).items():
+                    np.testing.assert_array_equal(mask, masks[name])
+                continue
             for key, flag in ((stream_key, codec.FLAG_CODES_ZLIB), ("mask", codec.FLAG_MASK_ZLIB)):
                 compressed = bool(payload_flags(ent) & flag)
                 candidate = np.frombuffer(
@@ -747,7 +756,7 @@ def _corrupt(change: str) -> codec.Payload:
     elif change == "meta version":
         meta[0] = 99
     elif change == "payload flags":
-        meta[1] |= 1 << 10
+        meta[1] |= 1 << 12
     elif change == "payload quant":
         meta[1] = 3
     elif change == "tensor flags":
@@ -837,7 +846,7 @@ MALFORMED = [
     ("meta short", "'meta' must be a 1-D int64 array of >= 3 entries"),
     ("meta version", "format version 99"),
     ("payload flags", "unknown payload flags"),
-    ("payload quant", "unknown payload flags"),
+    ("payload quant", "does not follow the payload's mode"),  # 3 is the low-bit mode
     ("tensor flags", "tensor 'w': unknown tensor flags"),
     ("tensor mode", "tensor 'b': quantization mode 2 does not follow"),
     ("n_tensors", "'names' holds 2 names, but 'meta' describes 3"),

@@ -1,0 +1,363 @@
+"""Issue 14's stream kinds: Rice-coded positions, int4 and ternary codes, the one-array blob."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from fedprune import codec
+from fedprune.codec import CodecConfig
+from fedprune.codec.container import pack_blob, unpack_blob
+from fedprune.codec.encode import _select_topk
+from fedprune.codec.rice import entropy_bits, rice_decode, rice_encode, rice_k, rice_max_bytes
+
+
+# -- Rice code of positions ----------------------------------------------------------------------
+def test_rice_by_hand() -> None:
+    bits = np.array([0, 0, 1, 0, 0, 0, 0, 1], dtype=bool)
+    # k = floor(log2((8 - 2) // 2)) = 1; gaps 2 and 4 -> (q, r) = (1, 0), (2, 0).
+    # Remainders "0" "0", then unary "10" "110", then one padding bit: 0010 1100.
+    assert rice_k(2, 8) == 1
+    stream = rice_encode(bits, [(2, 8)])
+    np.testing.assert_array_equal(stream, [0b00101100])
+    np.testing.assert_array_equal(rice_decode("s", stream, [(2, 8)]), bits)
+
+
+def test_rice_k_by_hand() -> None:
+    assert [rice_k(n, 100) for n in (0, 1, 5, 20, 34, 50, 99, 100)] == [0, 6, 4, 2, 0, 0, 0, 0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        hnp.arrays(np.bool_, st.integers(0, 300), elements=st.booleans()), min_size=0, max_size=4
+    )
+)
+def test_rice_round_trip(segments: list[np.ndarray]) -> None:
+    counts = [(int(s.sum()), s.size) for s in segments]
+    bits = np.concatenate(segments) if segments else np.zeros(0, bool)
+    stream = rice_encode(bits, counts)
+    assert stream.size <= rice_max_bytes(counts)
+    np.testing.assert_array_equal(rice_decode("s", stream, counts), bits)
+
+
+@pytest.mark.parametrize("density", [0.01, 0.03, 0.05, 0.3])
+def test_rice_is_near_the_entropy_of_random_positions(density: float) -> None:
+    rng = np.random.default_rng(0)
+    bits = rng.random(200_000) < density
+    counts = [(int(bits.sum()), bits.size)]
+    ratio = 8 * rice_encode(bits, counts).size / entropy_bits(*counts[0])
+    assert 1.0 <= ratio < 1.04, ratio
+
+
+def test_entropy_bits_by_hand() -> None:
+    assert entropy_bits(0, 8) == entropy_bits(8, 8) == 0.0
+    assert entropy_bits(4, 8) == pytest.approx(8.0)
+    assert entropy_bits(1, 4) == pytest.approx(
+        4 * -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))
+    )
+
+
+@pytest.mark.parametrize(
+    ("stream", "counts", "message"),
+    [
+        (np.zeros(1, np.int8), [(1, 8)], "not a 1-D uint8"),
+        (np.zeros((1, 1), np.uint8), [(1, 8)], "not a 1-D uint8"),
+        (np.full(40, 0xFF, np.uint8), [(2, 8)], "longer than its counts allow"),
+        (np.array([0b11111111], np.uint8), [(1, 16)], "ends after 0 of 1 positions"),
+        # 10 positions 0..9 of 1000 take 9 bytes (k = 6); the counts allow 11
+        (
+            np.concatenate([rice_encode(np.arange(1000) < 10, [(10, 1000)]), [0]]).astype(np.uint8),
+            [(10, 1000)],
+            "trailing bytes",
+        ),
+        (np.array([0b00101101], np.uint8), [(2, 8)], "padding bits"),
+        # gaps 2 and 6: the second position (9) lies past the 8 entries
+        (np.array([0b00101110], np.uint8), [(2, 8)], "past the end"),
+        (np.zeros(0, np.uint8), [(1, 8)], "ends inside its remainders"),
+    ],
+)
+def test_rice_refuses_malformed_streams(stream: np.ndarray, counts: list, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        rice_decode("s", stream, counts)
+
+
+def _update(seed: int = 0, shape: tuple[int, int] = (40, 50)) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "w": rng.standard_normal(shape).astype(np.float32),
+        "b": rng.standard_normal(shape[0]).astype(np.float32),
+    }
+
+
+def test_selection_is_rice_coded_when_smaller() -> None:
+    update = _update()
+    payload = codec.encode(update, CodecConfig(entropy=True, topk=0.03))
+    assert payload["meta"][1] & codec.FLAG_SELECT_RICE
+    plain = codec.encode(update, CodecConfig(entropy=False, topk=0.03))
+    assert codec.wire_size(payload) < codec.wire_size(plain)
+    np.testing.assert_array_equal(codec.decode(payload)["w"], codec.decode(plain)["w"])
+
+
+def test_mask_is_rice_coded_and_read_back() -> None:
+    update = _update()
+    rng = np.random.default_rng(1)
+    masks = {"w": rng.random((40, 50)) < 0.05}
+    payload = codec.encode(update, CodecConfig(entropy=True), masks=masks)
+    assert payload["meta"][1] & codec.FLAG_MASK_RICE
+    np.testing.assert_array_equal(codec.payload_masks(payload)["w"], masks["w"])
+
+
+def _flag(payload: dict[str, np.ndarray], flag: int, on: bool) -> dict[str, np.ndarray]:
+    out = dict(payload)
+    meta = payload["meta"].copy()
+    meta[1] = meta[1] | flag if on else meta[1] & ~flag
+    out["meta"] = meta
+    return out
+
+
+def test_decode_refuses_malformed_rice_payloads() -> None:
+    payload = codec.encode(_update(), CodecConfig(entropy=True, topk=0.03))
+    both = _flag(payload, codec.FLAG_SELECT_ZLIB, True)
+    with pytest.raises(ValueError, match="both zlib and Rice"):
+        codec.decode(both)
+    longer = dict(payload, select=np.concatenate([payload["select"], np.full(500, 255, np.uint8)]))
+    with pytest.raises(ValueError, match="longer than its counts allow"):
+        codec.decode(longer)
+    short = dict(payload, select=payload["select"][:-3])
+    with pytest.raises(ValueError, match="Rice"):
+        codec.decode(short)
+    # The same stream read as a plain bitmap has the wrong length.
+    with pytest.raises(ValueError, match="entries, expected"):
+        codec.decode(_flag(payload, codec.FLAG_SELECT_RICE, False))
+    dense = codec.encode(_update(), CodecConfig(entropy=True))
+    with pytest.raises(ValueError, match="nothing selected"):
+        codec.decode(_flag(dense, codec.FLAG_SELECT_RICE, True))
+    with pytest.raises(ValueError, match="no mask sent"):
+        codec.decode(_flag(dense, codec.FLAG_MASK_RICE, True))
+
+
+def test_more_positions_than_declared_are_refused() -> None:
+    update = _update()
+    payload = codec.encode(update, CodecConfig(topk=0.03, entropy=True))
+    meta = payload["meta"].copy()
+    meta[4] -= 1  # w: one transmitted value fewer than the stream holds positions for
+    bad = dict(payload, meta=meta)
+    with pytest.raises(ValueError):
+        codec.decode(bad)
+
+
+# -- int4 and ternary codes ----------------------------------------------------------------------
+def test_int4_by_hand() -> None:
+    x = {"w": np.array([[7.0, -3.5, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]], np.float32)}
+    payload = codec.encode(x, CodecConfig(quant="int4-channel"))
+    # Row 0: step 7 / 7 = 1 -> codes 7, -4 (rint(-3.5) = -4, half to even), 0, 1;
+    # row 1: all zero, step 0 -> codes 0. Nibbles 7 C 0 1 0 0 0 0 (two's complement).
+    np.testing.assert_array_equal(payload["codes"], [0x7C, 0x01, 0x00, 0x00])
+    assert payload["scale"].dtype == np.float16
+    np.testing.assert_array_equal(payload["scale"], np.array([1.0, 0.0], np.float16))
+    got = codec.decode(payload)["w"]
+    np.testing.assert_array_equal(got, [[7.0, -4.0, 0.0, 1.0], [0, 0, 0, 0]])
+
+
+def test_ternary_by_hand() -> None:
+    x = {"w": np.array([[3.0, -1.0, 0.5], [-4.0, 2.0, 0.1]], np.float32)}
+    payload = codec.encode(x, CodecConfig(quant="ternary", topk=0.5))
+    # Top 3 by |x|: 3 (row 0), -4 and 2 (row 1). Signs + - +, row magnitudes 3 and 3.
+    np.testing.assert_array_equal(payload["codes"], [0b01000000])
+    np.testing.assert_array_equal(payload["scale"], np.array([3.0, 3.0], np.float16))
+    assert payload["meta"][1] & codec.FLAG_TERNARY
+    got = codec.decode(payload)["w"]
+    np.testing.assert_array_equal(got, [[3.0, 0, 0], [-3.0, 3.0, 0]])
+
+
+def test_scales_only_for_rows_that_carry_entries() -> None:
+    x = {"w": np.zeros((6, 10), np.float32)}
+    x["w"][2, 3] = 5.0
+    x["w"][4, 1] = -2.0
+    payload = codec.encode(x, CodecConfig(quant="ternary", topk=2 / 60))
+    assert payload["scale"].size == 2
+    np.testing.assert_array_equal(codec.decode(payload)["w"], x["w"])
+
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 9)), elements=finite),
+    st.sampled_from(["int4-channel", "ternary"]),
+    st.sampled_from([1.0, 0.5, 0.1]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_lowbit_round_trip(
+    w: np.ndarray, quant: str, topk: float, entropy: bool, blob: bool
+) -> None:
+    config = CodecConfig(
+        quant=quant,  # type: ignore[arg-type]
+        topk=topk,
+        entropy=entropy,
+        container="blob" if blob else "arrays",
+    )
+    tensors = {"w": w, "b": w[0].copy()}
+    payload = codec.encode(tensors, config)
+    got = codec.decode(payload)
+    assert codec.wire_size(payload) > 0
+    for name, x in tensors.items():
+        sent = _select_topk(name, x, None, topk).reshape(x.shape)
+        assert not (got[name][~sent]).any()  # nothing outside the selection
+        rows = x.reshape(x.shape[0] if x.ndim == 2 else 1, -1)
+        out = got[name].reshape(rows.shape)
+        chosen = sent.reshape(rows.shape)
+        for r in range(rows.shape[0]):
+            if not chosen[r].any():
+                continue
+            v = rows[r][chosen[r]]
+            d = out[r][chosen[r]]
+            if quant == "int4-channel":
+                step = float(np.float16(np.abs(v).max() / 7))
+                assert np.abs(d - v).max() <= step / 2 + 1e-3 * np.abs(v).max() + 1e-6
+            else:
+                magnitude = float(np.float16(np.abs(v).mean(dtype=np.float32)))
+                np.testing.assert_allclose(np.abs(d), magnitude, rtol=1e-6)
+                nonzero = d != 0  # a magnitude below float16's range decodes to 0
+                nonzero &= v != 0  # a sign code sends 0 as +magnitude
+                assert (np.sign(d[nonzero]) == np.sign(v[nonzero])).all()
+
+
+def test_stochastic_int4_is_unbiased() -> None:
+    x = {"w": np.full((1, 20_000), 0.3, np.float32)}
+    x["w"][0, 0] = 7.0  # step 1: 0.3 rounds to 0 or 1
+    rng = np.random.default_rng(0)
+    got = codec.decode(
+        codec.encode(x, CodecConfig(quant="int4-channel", rounding="stochastic"), rng=rng)
+    )
+    assert got["w"][0, 1:].mean() == pytest.approx(0.3, abs=0.01)
+    with pytest.raises(ValueError, match="stochastic rounding does not apply"):
+        CodecConfig(quant="ternary", rounding="stochastic")
+
+
+def test_error_feedback_carries_what_ternary_drops() -> None:
+    update = _update()
+    payload = codec.encode(update, CodecConfig(quant="ternary", topk=0.05))
+    res = codec.residual(update, payload)
+    got = codec.decode(payload)
+    for name in update:
+        np.testing.assert_allclose(got[name] + res[name], update[name], rtol=1e-6, atol=1e-6)
+
+
+def _lowbit(ternary: bool) -> dict[str, np.ndarray]:
+    return codec.encode(
+        _update(shape=(4, 5)), CodecConfig(quant="ternary" if ternary else "int4-channel", topk=0.5)
+    )
+
+
+def test_decode_refuses_malformed_lowbit_payloads() -> None:
+    p = _lowbit(False)
+    codes = p["codes"].copy()
+    codes[0] = 0x80  # first nibble 8: the int4 code -8
+    with pytest.raises(ValueError, match="int4 code -8"):
+        codec.decode(dict(p, codes=codes))
+    with pytest.raises(ValueError, match="entries, expected"):
+        codec.decode(dict(p, codes=p["codes"][:-1]))
+    with pytest.raises(ValueError, match="float16"):
+        codec.decode(dict(p, scale=p["scale"].astype(np.float32)))
+    with pytest.raises(ValueError, match="rows carry"):
+        codec.decode(dict(p, scale=p["scale"][:-1]))
+    bad = p["scale"].copy()
+    bad[0] = np.inf
+    with pytest.raises(ValueError, match="non-finite"):
+        codec.decode(dict(p, scale=bad))
+    bad[0] = -1
+    with pytest.raises(ValueError, match="negative"):
+        codec.decode(dict(p, scale=bad))
+    t = _lowbit(True)
+    codes = t["codes"].copy()
+    codes[-1] |= 1  # a padding bit (11 signs in 2 bytes)
+    with pytest.raises(ValueError, match="padding"):
+        codec.decode(dict(t, codes=codes))
+    int8 = codec.encode(_update(shape=(4, 5)), CodecConfig(quant="int8", topk=0.5))
+    with pytest.raises(ValueError, match="ternary flagged outside"):
+        codec.decode(_flag(int8, codec.FLAG_TERNARY, True))
+
+
+def test_odd_int4_padding_nibble_is_refused() -> None:
+    p = codec.encode(
+        {"b": np.array([1.0, -2.0, 3.0], np.float32)}, CodecConfig(quant="int4-channel")
+    )
+    codes = p["codes"].copy()
+    codes[-1] |= 0x01
+    with pytest.raises(ValueError, match="padding nibble"):
+        codec.decode(dict(p, codes=codes))
+
+
+# -- the one-array container ---------------------------------------------------------------------
+def test_blob_is_one_array_and_smaller_on_the_wire() -> None:
+    update = _update()
+    arrays = codec.encode(update, CodecConfig(quant="ternary", topk=0.05, entropy=True))
+    blob = codec.encode(
+        update, CodecConfig(quant="ternary", topk=0.05, entropy=True, container="blob")
+    )
+    assert list(blob) == [codec.KEY_BLOB]
+    assert codec.wire_size(blob) < codec.wire_size(arrays)
+    for name, x in codec.decode(arrays).items():
+        np.testing.assert_array_equal(codec.decode(blob)[name], x)
+    assert codec.bits_breakdown(blob)["positions"] == codec.bits_breakdown(arrays)["positions"]
+    streams = unpack_blob(blob)
+    assert list(streams) == list(arrays)
+    for key, arr in arrays.items():
+        np.testing.assert_array_equal(streams[key], arr)
+        assert streams[key].dtype == arr.dtype
+
+
+def _header(key: int, code: int, count: int) -> bytes:
+    return bytes([key, code]) + count.to_bytes(4, "little")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (_header(0, 1, 3)[:4], "truncated stream header"),
+        (_header(9, 2, 0), "unknown or out of order"),
+        (_header(1, 2, 0) + _header(0, 0, 0), "unknown or out of order"),
+        (_header(1, 2, 0) + _header(1, 2, 0), "unknown or out of order"),
+        (_header(0, 7, 0), "unknown dtype code"),
+        (_header(1, 1, 0), "unknown dtype code"),
+        (_header(0, 0, 2) + bytes(15), "runs past the blob"),
+        (_header(1, 2, 4_000_000_000), "runs past the blob"),
+    ],
+)
+def test_unpack_blob_refuses_malformed_blobs(raw: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        unpack_blob({codec.KEY_BLOB: np.frombuffer(raw, np.uint8)})
+
+
+def test_blob_payload_refuses_extra_keys_and_wrong_dtype() -> None:
+    empty: dict[str, np.ndarray] = {
+        "meta": np.array([2, 0, 0], np.int64),
+        "names": np.zeros(0, np.uint8),
+        "values": np.zeros(0, np.float32),
+    }
+    blob = pack_blob(empty)
+    with pytest.raises(ValueError, match="one key"):
+        codec.decode({**blob, "meta": np.zeros(3, np.int64)})
+    with pytest.raises(ValueError, match="1-D uint8"):
+        codec.decode({codec.KEY_BLOB: blob[codec.KEY_BLOB].view(np.int8)})
+    assert codec.decode(blob) == {}
+
+
+def test_bits_breakdown_adds_up_to_the_wire_size() -> None:
+    payload = codec.encode(
+        _update(), CodecConfig(quant="ternary", topk=0.05, entropy=True, container="blob")
+    )
+    parts = codec.bits_breakdown(payload)
+    n_params = 40 * 50 + 40
+    total = sum(parts[p] for p in ("positions", "values", "scales", "framing"))
+    assert total * n_params == pytest.approx(8 * codec.wire_size(payload))
+    assert parts["entropy"] * n_params == pytest.approx(
+        entropy_bits(math.ceil(0.05 * 2000), 2000) + entropy_bits(2, 40)
+    )
