@@ -11,6 +11,7 @@ import hashlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,8 +22,10 @@ from fedprune.data import DATASET_SHAPES, ClientDataset, client_data, load_datas
 from fedprune.distill import DistillPair, mutual_distillation_loss
 from fedprune.models import build_model, get_weights, set_weights
 from fedprune.node_data import NodeData, load_node_file
-from fedprune.privacy import DPConfig, PrivateTrainer, make_private, planned_total_steps
 from fedprune.pruning import apply_mask, compute_mask, magnitude_scores, sensitivity_scores
+
+if TYPE_CHECKING:  # Opacus (~120 MB resident) is imported only by rounds that train under DP
+    from fedprune.privacy import PrivateTrainer
 
 # Opacus's per-sample hooks make torch warn on every DP step; the hooks are what we want.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
@@ -213,6 +216,8 @@ def train(
         trained_masks = {f"student.{name}": m for name, m in masks.items()}
     private: PrivateTrainer | None = None
     if cfg.dp:
+        from fedprune.privacy import DPConfig, make_private, planned_total_steps
+
         private = make_private(
             trained,
             lambda params: make_optimizer(cfg, params),

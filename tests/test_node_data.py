@@ -1,6 +1,8 @@
 """Per-node data files: the same rows as the simulation's partitions, loaded without partitioning."""
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,12 +79,13 @@ def test_a_node_file_made_for_other_settings_is_refused(tmp_path: Path) -> None:
     (path,) = write_node_files("digits", 4, tmp_path, alpha=0.5, partition_ids=[0])
     cfg = RunConfig(dataset="digits", partitioning="dirichlet", alpha=0.5)
     assert len(core.local_train_data(cfg, 0, 4, data_path=str(path))) > 0
-    for change, named in [
+    changes: list[tuple[dict[str, Any], str]] = [
         ({"alpha": 0.1}, "alpha=0.5"),
         ({"seed": 1}, "seed=0"),
         ({"partitioning": "iid"}, "partitioning='dirichlet'"),
         ({"dataset": "fashion-mnist", "model": "cnn"}, "dataset='digits'"),
-    ]:
+    ]
+    for change, named in changes:
         with pytest.raises(ValueError, match=named):
             core.local_train_data(cfg.replace(**change), 0, 4, data_path=str(path))
     # alpha is not part of an iid file's identity.
@@ -112,17 +115,17 @@ def test_bad_files_get_an_error_naming_the_file(tmp_path: Path) -> None:
         write_node_files("digits", 2, tmp_path, partition_ids=[2])
 
 
-def context(node_config: dict[str, object]) -> Context:
+def context(node_config: Mapping[str, str | int]) -> Context:
     return Context(
-        run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={}
-    )  # type: ignore[arg-type]
+        run_id=1, node_id=1, node_config=dict(node_config), state=RecordDict(), run_config={}
+    )
 
 
 def test_node_config_takes_the_partition_from_the_file(tmp_path: Path) -> None:
     (path,) = write_node_files("digits", 3, tmp_path, partition_ids=[2])
     by_file = {keys.DATA_PATH: str(path)}
     assert client_app.node_partition(context(by_file)) == (2, 3)
-    same = {**by_file, keys.PARTITION_ID: 2, keys.NUM_PARTITIONS: 3}
+    same: dict[str, str | int] = {**by_file, keys.PARTITION_ID: 2, keys.NUM_PARTITIONS: 3}
     assert client_app.node_partition(context(same)) == (2, 3)
     with pytest.raises(ValueError, match="partition-id=1 \\(file: 2\\)"):
         client_app.node_partition(context({**same, keys.PARTITION_ID: 1}))
