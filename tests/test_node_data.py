@@ -1,4 +1,4 @@
-"""Per-node data files: the same rows as the simulation's partitions, loaded without partitioning."""
+"""Per-node data files: the simulation's partitions, loaded without partitioning."""
 
 from collections.abc import Mapping
 from pathlib import Path
@@ -95,11 +95,11 @@ def test_a_node_file_made_for_other_settings_is_refused(tmp_path: Path) -> None:
 
 def test_bad_files_get_an_error_naming_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "absent.npz"
-    with pytest.raises(ValueError, match="absent.npz"):
+    with pytest.raises(ValueError, match=r"absent\.npz"):
         load_node_file(missing)
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="junk.npz"):
+    with pytest.raises(ValueError, match=r"junk\.npz"):
         load_node_file(junk)
     other = tmp_path / "other.npz"
     np.savez(other, x=np.zeros(3))
