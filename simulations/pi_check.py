@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+from simulations.client_memory import FASHION_MNIST_DIR
+
 ROOT: Final = Path(__file__).resolve().parent.parent
 """The project (the files copied into the arm64 root)."""
 PI_DIR: Final = ROOT / ".pi"
@@ -227,13 +229,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.pi_check", description=__doc__)
     parser.add_argument("--root", type=Path, default=PI_DIR / "root")
     parser.add_argument("--fresh-venv", action="store_true", help="install into a new venv")
+    parser.add_argument(
+        "--num-partitions", type=int, default=2, help="the node holds partition 0 of these"
+    )
     args = parser.parse_args(argv)
     _need(os.geteuid() == 0, "must run as root (namespaces, chroot, debootstrap)")
     _need(QEMU.is_file(), f"needs {QEMU}: apt-get install qemu-user-static")
-    from fedprune.data import FASHION_MNIST_SYSTEM_DIR
-
     _need(
-        FASHION_MNIST_SYSTEM_DIR.is_dir(),
+        FASHION_MNIST_DIR.is_dir(),
         "needs the Fashion-MNIST files: apt-get install dataset-fashion-mnist",
     )
     root: Path = args.root.resolve()
@@ -260,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     subprocess.run(
         [
             *(sys.executable, "-m", "simulations.node_data", "--dataset", "fashion-mnist"),
-            *("--num-partitions", "2", "--partition-id", "0", "--out", str(data)),
+            *("--num-partitions", str(args.num_partitions), "--partition-id", "0"),
+            *("--out", str(data)),
         ],
         cwd=ROOT,
         check=True,

@@ -89,7 +89,9 @@ def test_a_node_file_made_for_other_settings_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=named):
             core.local_train_data(cfg.replace(**change), 0, 4, data_path=str(path))
     # alpha is not part of an iid file's identity.
-    (iid,) = write_node_files("digits", 4, tmp_path / "iid", partitioning="iid", alpha=0.9)
+    (iid,) = write_node_files(
+        "digits", 4, tmp_path / "iid", partitioning="iid", alpha=0.9, partition_ids=[0]
+    )
     core.local_train_data(cfg.replace(partitioning="iid", alpha=0.2), 0, 4, data_path=str(iid))
 
 
@@ -144,3 +146,15 @@ def test_cli_writes_one_file_per_node(tmp_path: Path, capsys: pytest.CaptureFixt
     assert read_info(tmp_path / node_file_name(1)).seed == 2
     with pytest.raises(SystemExit):
         node_data_cli.main([*argv, "--partition-id", "5"])
+
+
+@pytest.mark.slow
+def test_client_memory_probe_trains_one_round_on_a_node_file(tmp_path: Path) -> None:
+    from simulations.client_memory import measure_client_memory
+
+    (path,) = write_node_files("digits", 2, tmp_path, partition_ids=[0])
+    measured = measure_client_memory("digits", "mlp", data_path=path)
+    assert measured.data == "file"
+    assert measured.num_examples == len(load_node_file(path).train)
+    assert 0 < measured.imports_mb <= measured.data_mb <= measured.peak_mb
+    assert measured.round_mb == round(measured.peak_mb - measured.imports_mb, 1)
