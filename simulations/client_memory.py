@@ -192,6 +192,7 @@ def write_downlink(path: str | os.PathLike[str], dataset: str, model: str) -> No
     from flwr.common.serde import message_to_proto
     from flwr.serverapp import Grid
     from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
 
     from clients import core
     from fedprune.config import RunConfig
@@ -232,6 +233,7 @@ def write_downlink(path: str | os.PathLike[str], dataset: str, model: str) -> No
         ) -> Iterable[Message]:
             raise NotImplementedError
 
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     cfg = RunConfig.from_mapping({"dataset": dataset, "model": model, "num-server-rounds": 1})
     net = core.new_model(cfg)
     built = build_strategy(cfg, prunable=prunable_names(net))

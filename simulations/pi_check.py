@@ -98,7 +98,7 @@ def run_in_root(
     lines = [
         "set -e",
         "mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc",
-        f"printf '%b' '{_BINFMT}' > /proc/sys/fs/binfmt_misc/register",
+        f"printf '%s' '{_BINFMT}' > /proc/sys/fs/binfmt_misc/register",
         *(f'mount --rbind /{sub} "$R/{sub}"' for sub in ("dev", "proc", "sys")),
         'cp /etc/resolv.conf "$R/etc/resolv.conf"',
     ]
@@ -191,7 +191,7 @@ def _second_stage_script() -> str:
         [
             "set -e",
             "mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc",
-            f"printf '%b' '{_BINFMT}' > /proc/sys/fs/binfmt_misc/register",
+            f"printf '%s' '{_BINFMT}' > /proc/sys/fs/binfmt_misc/register",
             *(f'mount --rbind /{sub} "$R/{sub}"' for sub in ("dev", "proc", "sys")),
             'exec chroot "$R" /debootstrap/debootstrap --second-stage',
         ]
