@@ -77,5 +77,13 @@ deploy-demo: venv
 wire-bench: venv
 	$(BIN)/python -m simulations.bench_wire
 
+ .ruff_cache .pytest_cache .hypothesis
+# A Raspberry Pi node on this machine under qemu-aarch64 (root; Debian's qemu-user-static,
+# debootstrap, dataset-fashion-mnist): arm64 root in .pi/, the README's Pi install, one CNN
+# round; prints install size, RSS and round time. Emulation is slow: not part of `make test`.
+.PHONY: pi-check
+pi-check: venv
+	$(BIN)/python -m simulations.pi_check
+
 clean:
-	rm -rf $(VENV) $(VENV313) .flwr results .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV313) .flwr results .pi .mypy_cache .ruff_cache .pytest_cache .hypothesis

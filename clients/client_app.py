@@ -35,6 +35,7 @@ from fedprune.checkpoint import (
 )
 from fedprune.config import RunConfig
 from fedprune.models import get_weights, set_weights
+from fedprune.node_data import read_info
 
 VOTE_CODEC = codec.CodecConfig(quant="int8-channel")
 """Scores only rank entries: int8 per channel is plenty, whatever the run's payload codec."""
@@ -42,21 +43,56 @@ VOTE_CODEC = codec.CodecConfig(quant="int8-channel")
 
 def data_dir(context: Context) -> str | None:
     """Return the node's ``data-dir`` (node config), or ``None`` for the default locations."""
-    value = context.node_config.get(keys.DATA_DIR)
+    return _path_option(context, keys.DATA_DIR)
+
+
+def data_path(context: Context) -> str | None:
+    """Return the node's ``data-path`` (its own data file), or ``None`` (partition in memory)."""
+    path = _path_option(context, keys.DATA_PATH)
+    if path is not None and _path_option(context, keys.DATA_DIR) is not None:
+        raise ValueError(
+            f"node config sets both {keys.DATA_PATH} and {keys.DATA_DIR}: a node reads its "
+            f"prepared file ({keys.DATA_PATH}) or partitions a dataset ({keys.DATA_DIR}), not both"
+        )
+    return path
+
+
+def _path_option(context: Context, key: str) -> str | None:
+    value = context.node_config.get(key)
     if value is not None and not isinstance(value, str):
-        raise ValueError(f"node config {keys.DATA_DIR}={value!r} must be a path")
+        raise ValueError(f"node config {key}={value!r} must be a path")
     return value or None
 
 
 def node_partition(context: Context) -> tuple[int, int]:
-    """Return (partition id, number of partitions) from the node config, validated."""
+    """Return (partition id, number of partitions) from the node config, validated.
+
+    With a ``data-path``, the file says which partition it holds: ``partition-id`` and
+    ``num-partitions`` may then be left out, and must match it when given.
+    """
+    path = data_path(context)
+    given = {
+        key: context.node_config[key]
+        for key in (keys.PARTITION_ID, keys.NUM_PARTITIONS)
+        if key in context.node_config
+    }
+    if path is not None:
+        info = read_info(path)
+        held = {keys.PARTITION_ID: info.partition_id, keys.NUM_PARTITIONS: info.num_partitions}
+        wrong = [f"{k}={v!r} (file: {held[k]})" for k, v in given.items() if v != held[k]]
+        if wrong:
+            raise ValueError(
+                f"node config {', '.join(wrong)} does not match its {keys.DATA_PATH} {path!r}"
+            )
+        return info.partition_id, info.num_partitions
     try:
-        partition_id = context.node_config[keys.PARTITION_ID]
-        num_partitions = context.node_config[keys.NUM_PARTITIONS]
+        partition_id = given[keys.PARTITION_ID]
+        num_partitions = given[keys.NUM_PARTITIONS]
     except KeyError as err:
         raise ValueError(
-            f"node config lacks {err}; start the SuperNode with "
-            f"--node-config '{keys.PARTITION_ID}=<i> {keys.NUM_PARTITIONS}=<n>'"
+            f"node config lacks {err}; start the SuperNode with --node-config "
+            f"'{keys.DATA_PATH}=\"<file>\"' or '{keys.PARTITION_ID}=<i> "
+            f"{keys.NUM_PARTITIONS}=<n>'"
         ) from err
     if not (isinstance(partition_id, int) and isinstance(num_partitions, int)):
         raise ValueError(
@@ -166,7 +202,7 @@ def decode_downlink(
     if channel_record is not None:  # channel pruning: one bit per channel, expanded here
         if cfg is None:
             raise ValueError(f"'{keys.CHANNEL_MASK}' received, but channel pruning needs a config")
-        plan = task.channel_pruning(cfg, task.new_model(cfg, data_dir(context)), data_dir(context))
+        plan = task.channel_pruning(cfg, task.new_model(cfg))
         if plan is None:
             raise ValueError(f"'{keys.CHANNEL_MASK}' received, but prune-granularity is element")
         masks = plan.read_mask(from_record(channel_record))
@@ -200,7 +236,7 @@ def seeded_start(context: Context, cfg: RunConfig, config: ConfigRecord) -> dict
         If this node's initial model differs from the server's (another seed, model or
         dataset in the run config, or a library that initialises differently).
     """
-    weights = get_weights(task.new_model(cfg, data_dir(context)))
+    weights = get_weights(task.new_model(cfg))
     expected = scalar(config, keys.MODEL_DIGEST, str)
     got = codec.weights_digest(weights)
     if got != expected:
@@ -214,9 +250,7 @@ def seeded_start(context: Context, cfg: RunConfig, config: ConfigRecord) -> dict
     return weights
 
 
-def private_teacher(
-    context: Context, cfg: RunConfig, partition_id: int, root: str | None
-) -> torch.nn.Module | None:
+def private_teacher(context: Context, cfg: RunConfig, partition_id: int) -> torch.nn.Module | None:
     """Return this node's distillation teacher from ``context.state`` (new on its first round).
 
     ``None`` unless ``distill`` is on. The teacher lives only in ``context.state``; no message
@@ -225,7 +259,7 @@ def private_teacher(
     if not cfg.distill:
         return None
     saved = context.state.array_records.get(keys.STATE_TEACHER)
-    return task.new_teacher(cfg, partition_id, None if saved is None else from_record(saved), root)
+    return task.new_teacher(cfg, partition_id, None if saved is None else from_record(saved))
 
 
 def _encode_reply(
@@ -277,10 +311,11 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if cfg.checkpoint:
         restore_node_state(context, cfg, partition_id, scalar(config, keys.RESUMED_FROM, int, 0))
     start, masks = receive(msg, context, cfg)
-    root = data_dir(context)
-    model = task.new_model(cfg, root)
+    model = task.new_model(cfg)
     set_weights(model, start)
-    data = task.local_train_data(cfg, partition_id, num_partitions, root)
+    data = task.local_train_data(
+        cfg, partition_id, num_partitions, data_dir(context), data_path(context)
+    )
     torch_masks = task.to_torch_masks(masks)
     result = task.train(
         cfg,
@@ -295,7 +330,7 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             if keys.STATE_ACCOUNTANT in context.state.array_records
             else None
         ),
-        teacher=private_teacher(context, cfg, partition_id, root),
+        teacher=private_teacher(context, cfg, partition_id),
     )
     if result.teacher_weights is not None:  # the teacher stays on the node
         context.state[keys.STATE_TEACHER] = to_record(result.teacher_weights)
@@ -314,7 +349,7 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         }
     )
     kind = scalar(config, keys.VOTE, str, "none")
-    plan = task.channel_pruning(cfg, model, root)
+    plan = task.channel_pruning(cfg, model)
     if kind != "none" and plan is not None:
         set_weights(model, result.weights)
         content[keys.CHANNEL_VOTE] = to_record(
@@ -356,10 +391,11 @@ def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Decode the global model and evaluate it on this node's shard of the held-out split."""
     partition_id, num_partitions = node_partition(context)
     weights, _ = receive(msg, context, cfg)
-    root = data_dir(context)
-    model = task.new_model(cfg, root)
+    model = task.new_model(cfg)
     set_weights(model, weights)
-    data = task.local_eval_data(cfg, partition_id, num_partitions, root)
+    data = task.local_eval_data(
+        cfg, partition_id, num_partitions, data_dir(context), data_path(context)
+    )
     loss, accuracy = task.evaluate(model, data)
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(data), keys.LOSS: loss, keys.ACCURACY: accuracy})
     return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)

@@ -31,7 +31,9 @@ that is neither on disk nor downloadable raises :class:`DatasetUnavailableError`
 get it.
 
 Memory: the float32 copies are 188 MB (MNIST / Fashion-MNIST train) and 614 MB (CIFAR-10
-train) per process; digits is 0.4 MB.
+train) per process; digits is 0.4 MB. A deployed node holds only its own rows, as ``uint8``
+(:class:`ByteDataset`, read from the file :mod:`fedprune.node_data` writes), standardised
+example by example as batches are drawn.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fedprune.catalog import (
     DATASET_SHAPES,
@@ -65,10 +67,13 @@ __all__ = [
     "FASHION_MNIST_SYSTEM_DIR",
     "NORMALIZATION",
     "ArrayDataset",
+    "ByteDataset",
+    "ClientDataset",
     "DatasetName",
     "DatasetUnavailableError",
     "PartitionScheme",
     "client_data",
+    "load_bytes",
     "load_dataset",
     "parse_idx",
     "partition",
@@ -135,19 +140,7 @@ class ArrayDataset:
             raise ValueError(f"x must be a float32 numpy array, got {_describe(self.x)}")
         if self.x.ndim not in (2, 4):
             raise ValueError(f"x must have shape (N, D) or (N, C, H, W), got {self.x.shape}")
-        if not isinstance(self.y, np.ndarray) or self.y.dtype != np.int64 or self.y.ndim != 1:
-            raise ValueError(f"y must be a 1-D int64 numpy array, got {_describe(self.y)}")
-        if self.y.shape[0] != self.x.shape[0]:
-            raise ValueError(
-                f"x and y must have the same length, got {self.x.shape[0]} and {self.y.shape[0]}"
-            )
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.y.size and (self.y.min() < 0 or self.y.max() >= self.num_classes):
-            raise ValueError(
-                f"y must lie in [0, num_classes={self.num_classes}), "
-                f"got [{self.y.min()}, {self.y.max()}]"
-            )
+        _check_labels(self.y, self.x.shape[0], self.num_classes)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -177,13 +170,7 @@ class ArrayDataset:
         """
         if isinstance(indices, slice):
             return ArrayDataset(self.x[indices], self.y[indices], self.num_classes, self.name)
-        idx = np.asarray(indices)
-        if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):
-            raise ValueError(f"indices must be a 1-D integer array, got {_describe(idx)}")
-        idx = idx.astype(np.intp, copy=False)
-        n = len(self)
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise ValueError(f"indices out of range for a dataset of {n} rows")
+        idx = _check_indices(indices, len(self))
         return ArrayDataset(
             np.take(self.x, idx, axis=0), np.take(self.y, idx), self.num_classes, self.name
         )
@@ -232,6 +219,155 @@ class ArrayDataset:
             generator=generator,
             drop_last=drop_last,
         )
+
+
+@dataclass(frozen=True, eq=False)
+class ByteDataset:
+    """A labelled image dataset kept as ``uint8`` pixels, standardised batch by batch.
+
+    What a node holds (:mod:`fedprune.node_data`): a quarter of the memory of the ``float32``
+    copy, and no full float copy ever exists; :meth:`to_loader` converts each example as it is
+    drawn, with the same arithmetic as :func:`load_dataset` (bit-identical floats).
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        ``uint8`` pixels ``(N, C, H, W)``.
+    y : numpy.ndarray
+        ``int64`` labels ``(N,)`` in ``[0, num_classes)``.
+    num_classes : int
+        Number of classes of the task.
+    name : str
+        Name of the dataset it came from.
+    scale, shift : numpy.ndarray
+        ``float32`` per channel ``(C,)``: an example is ``x * scale - shift``.
+    """
+
+    x: npt.NDArray[np.uint8]
+    y: npt.NDArray[np.int64]
+    num_classes: int
+    name: str
+    scale: npt.NDArray[np.float32]
+    shift: npt.NDArray[np.float32]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.x, np.ndarray) or self.x.dtype != np.uint8 or self.x.ndim != 4:
+            raise ValueError(f"x must be a uint8 (N, C, H, W) array, got {_describe(self.x)}")
+        channels = self.x.shape[1]
+        for field in ("scale", "shift"):
+            value = getattr(self, field)
+            if (
+                not isinstance(value, np.ndarray)
+                or value.dtype != np.float32
+                or value.shape != (channels,)
+            ):
+                raise ValueError(
+                    f"{field} must be a float32 array of shape ({channels},), "
+                    f"got {_describe(value)}"
+                )
+        _check_labels(self.y, self.x.shape[0], self.num_classes)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example: ``(C, H, W)``."""
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    def class_counts(self) -> npt.NDArray[np.int64]:
+        """Count the examples of each class, ``(num_classes,)``."""
+        return np.bincount(self.y, minlength=self.num_classes).astype(np.int64, copy=False)
+
+    def subset(self, indices: npt.NDArray[np.integer[Any]]) -> ByteDataset:
+        """Select rows ``indices`` (1-D integer array; copies the selected rows)."""
+        idx = _check_indices(indices, len(self))
+        return ByteDataset(
+            np.take(self.x, idx, axis=0),
+            np.take(self.y, idx),
+            self.num_classes,
+            self.name,
+            self.scale,
+            self.shift,
+        )
+
+    def standardise(self, x: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        """Return ``x * scale - shift`` as ``float32`` for rows ``x`` ``(B, C, H, W)``."""
+        return _standardise(x, self.scale[:, None, None], self.shift[:, None, None])
+
+    def to_float(self) -> ArrayDataset:
+        """Return the whole dataset as ``float32`` (a full copy: for tests and small data)."""
+        return ArrayDataset(self.standardise(self.x), self.y, self.num_classes, self.name)
+
+    def to_loader(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> DataLoader[tuple[torch.Tensor, ...]]:
+        """Make a single-process ``DataLoader`` converting each example as it is drawn.
+
+        Same arguments and batches as :meth:`ArrayDataset.to_loader` on :meth:`to_float`.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if shuffle and generator is None:
+            raise ValueError("generator is required when shuffle=True (randomness is passed in)")
+        return DataLoader(
+            _ByteRows(self),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            drop_last=drop_last,
+        )
+
+
+ClientDataset = ArrayDataset | ByteDataset
+"""What local training and evaluation take: float rows, or bytes standardised on the fly."""
+
+
+class _ByteRows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Map-style view of a :class:`ByteDataset`: example ``i`` as ``(float32 x, int64 y)``."""
+
+    def __init__(self, data: ByteDataset) -> None:
+        self.data = data
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NOT_WRITABLE_WARNING)
+            self.labels = torch.from_numpy(data.y)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.data.standardise(self.data.x[index : index + 1])[0]
+        return torch.from_numpy(x), self.labels[index]
+
+
+def _check_labels(y: object, n: int, num_classes: int) -> None:
+    """Raise ``ValueError`` unless ``y`` is ``n`` int64 labels in ``[0, num_classes)``."""
+    if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.ndim != 1:
+        raise ValueError(f"y must be a 1-D int64 numpy array, got {_describe(y)}")
+    if y.shape[0] != n:
+        raise ValueError(f"x and y must have the same length, got {n} and {y.shape[0]}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(
+            f"y must lie in [0, num_classes={num_classes}), got [{y.min()}, {y.max()}]"
+        )
+
+
+def _check_indices(indices: npt.ArrayLike, n: int) -> npt.NDArray[np.intp]:
+    """Return ``indices`` as ``intp`` after checking they are 1-D row indices of ``n`` rows."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):
+        raise ValueError(f"indices must be a 1-D integer array, got {_describe(idx)}")
+    idx = idx.astype(np.intp, copy=False)
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+        raise ValueError(f"indices out of range for a dataset of {n} rows")
+    return idx
 
 
 def _describe(a: object) -> str:
@@ -319,40 +455,43 @@ def read_idx(path: str | os.PathLike[str]) -> npt.NDArray[Any]:
 # -- Loading ------------------------------------------------------------------------------
 
 
-def _images_to_float(
-    images: npt.NDArray[np.uint8], mean: tuple[float, ...], std: tuple[float, ...]
+def _standardise(
+    x: npt.NDArray[np.uint8], scale: npt.NDArray[np.float32], shift: npt.NDArray[np.float32]
 ) -> npt.NDArray[np.float32]:
-    """``uint8`` images ``(N, H, W)`` or ``(N, H, W, C)`` to standardised ``(N, C, H, W)``."""
-    if images.ndim == 3:
-        images = images[:, None]
-    elif images.ndim == 4:
-        images = images.transpose(0, 3, 1, 2)
-    else:
-        raise ValueError(f"images must be (N, H, W) or (N, H, W, C), got {images.shape}")
-    if images.shape[1] != len(mean):
-        raise ValueError(f"images have {images.shape[1]} channels, expected {len(mean)}")
-    std_arr = np.asarray(std, dtype=np.float32)[:, None, None]
-    scale = np.float32(1.0 / 255.0) / std_arr
-    shift = np.asarray(mean, dtype=np.float32)[:, None, None] / std_arr
-    out = np.empty(images.shape, dtype=np.float32)
-    np.multiply(images, scale, out=out)
+    """Return ``x * scale - shift`` in ``float32`` (the one place pixels become floats)."""
+    out = np.empty(x.shape, dtype=np.float32)
+    np.multiply(x, scale, out=out)
     out -= shift
     return out
 
 
-def _make_split(images: npt.NDArray[np.uint8], labels: npt.ArrayLike, name: str) -> ArrayDataset:
+def _to_bytes(images: npt.NDArray[np.uint8], labels: npt.ArrayLike, name: str) -> ByteDataset:
+    """``uint8`` images ``(N, H, W)`` or ``(N, H, W, C)`` to a :class:`ByteDataset` (NCHW).
+
+    Scaled to ``[0, 1]`` then standardised with :data:`NORMALIZATION`: ``scale = 1 / (255 std)``
+    and ``shift = mean / std`` per channel.
+    """
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4:
+        images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    else:
+        raise ValueError(f"images must be (N, H, W) or (N, H, W, C), got {images.shape}")
     mean, std = NORMALIZATION[name]
-    return _freeze(
-        ArrayDataset(
-            _images_to_float(images, mean, std),
-            np.asarray(labels).astype(np.int64),
-            _NUM_CLASSES,
-            name,
-        )
+    if images.shape[1] != len(mean):
+        raise ValueError(f"images have {images.shape[1]} channels, expected {len(mean)}")
+    std_arr = np.asarray(std, dtype=np.float32)
+    return ByteDataset(
+        np.asarray(images, dtype=np.uint8),
+        np.asarray(labels).astype(np.int64),
+        _NUM_CLASSES,
+        name,
+        np.float32(1.0 / 255.0) / std_arr,
+        np.asarray(mean, dtype=np.float32) / std_arr,
     )
 
 
-def _load_digits() -> tuple[ArrayDataset, ArrayDataset]:
+def _load_digits() -> tuple[ByteDataset, ByteDataset]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -363,11 +502,13 @@ def _load_digits() -> tuple[ArrayDataset, ArrayDataset]:
         stratify=y,
         random_state=_DIGITS_RANDOM_STATE,
     )
-    images = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    # Pixel values are the integers 0 .. 16, scaled to [0, 1] (x / 16, exact in float32).
+    images = x.astype(np.uint8).reshape(-1, 1, 8, 8)
     labels = y.astype(np.int64)
+    scale, shift = np.array([1.0 / 16.0], dtype=np.float32), np.zeros(1, dtype=np.float32)
     return (
-        _freeze(ArrayDataset(images[train_idx], labels[train_idx], _NUM_CLASSES, "digits")),
-        _freeze(ArrayDataset(images[test_idx], labels[test_idx], _NUM_CLASSES, "digits")),
+        ByteDataset(images[train_idx], labels[train_idx], _NUM_CLASSES, "digits", scale, shift),
+        ByteDataset(images[test_idx], labels[test_idx], _NUM_CLASSES, "digits", scale, shift),
     )
 
 
@@ -375,7 +516,7 @@ def _has_idx_files(directory: Path) -> bool:
     return all((directory / f).is_file() for files in _IDX_FILES.values() for f in files)
 
 
-def _load_idx_dir(directory: Path, name: str) -> tuple[ArrayDataset, ArrayDataset]:
+def _load_idx_dir(directory: Path, name: str) -> tuple[ByteDataset, ByteDataset]:
     splits = []
     for split in ("train", "test"):
         image_file, label_file = _IDX_FILES[split]
@@ -385,7 +526,7 @@ def _load_idx_dir(directory: Path, name: str) -> tuple[ArrayDataset, ArrayDatase
             raise ValueError(f"{directory / image_file}: expected uint8 (N, H, W) images")
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
             raise ValueError(f"{directory / label_file}: expected {images.shape[0]} labels")
-        splits.append(_make_split(images, labels, name))
+        splits.append(_to_bytes(images, labels, name))
     return splits[0], splits[1]
 
 
@@ -410,7 +551,7 @@ def _unavailable_message(name: str, root: Path, download: bool, err: Exception) 
 
 def _load_vision(
     dataset_cls: Callable[..., Any], name: str, root: Path, *, download: bool
-) -> tuple[ArrayDataset, ArrayDataset]:
+) -> tuple[ByteDataset, ByteDataset]:
     """Load both splits through a torchvision dataset class (``MNIST``, ``CIFAR10``, ...)."""
     try:
         train = dataset_cls(str(root), train=True, download=download)
@@ -418,8 +559,8 @@ def _load_vision(
     except (RuntimeError, OSError) as err:
         raise DatasetUnavailableError(_unavailable_message(name, root, download, err)) from err
     return (
-        _make_split(np.asarray(train.data), np.asarray(train.targets), name),
-        _make_split(np.asarray(test.data), np.asarray(test.targets), name),
+        _to_bytes(np.asarray(train.data), np.asarray(train.targets), name),
+        _to_bytes(np.asarray(test.data), np.asarray(test.targets), name),
     )
 
 
@@ -430,6 +571,11 @@ def _default_root() -> Path:
 
 @functools.lru_cache(maxsize=8)
 def _load_cached(name: str, root: Path | None, download: bool) -> tuple[ArrayDataset, ArrayDataset]:
+    train, test = _load_bytes(name, root, download)
+    return _freeze(train.to_float()), _freeze(test.to_float())
+
+
+def _load_bytes(name: str, root: Path | None, download: bool) -> tuple[ByteDataset, ByteDataset]:
     if name == "digits":
         return _load_digits()
 
@@ -485,6 +631,21 @@ def load_dataset(
         The files are missing and cannot be downloaded (the message says how to get them).
     """
     return _load_cached(*_source_key(name, root, download))
+
+
+def load_bytes(
+    name: str,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    download: bool | None = None,
+) -> tuple[ByteDataset, ByteDataset]:
+    """Load a dataset as ``uint8`` pixels ``(train, held-out test)``, not cached.
+
+    The same rows, order and sources as :func:`load_dataset`, whose ``float32`` arrays are
+    these datasets' :meth:`ByteDataset.to_float`. Used to write per-node data files
+    (:mod:`fedprune.node_data`). Arguments and errors as :func:`load_dataset`.
+    """
+    return _load_bytes(*_source_key(name, root, download))
 
 
 def _source_key(
@@ -598,11 +759,18 @@ def partition(
 def _partition_cached(
     label_bytes: bytes, num_partitions: int, scheme: str, seed: int, key: tuple[Any, ...]
 ) -> tuple[npt.NDArray[np.int64], ...]:
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        PathologicalPartitioner,
-    )
+    try:
+        from flwr_datasets.partitioner import (
+            DirichletPartitioner,
+            IidPartitioner,
+            PathologicalPartitioner,
+        )
+    except ImportError as err:  # a node's install: it reads its prepared file instead
+        raise ImportError(
+            "partitioning a dataset needs flwr-datasets (pip install '.[simulation]'); a "
+            "deployed node reads its own data file instead (node config data-path, written by "
+            "`python -m simulations.node_data`)"
+        ) from err
 
     y = np.frombuffer(label_bytes, dtype=np.int64)
     index = np.arange(y.shape[0], dtype=np.int64)

@@ -77,6 +77,9 @@ PARTITION_ID: Final = "partition-id"
 NUM_PARTITIONS: Final = "num-partitions"
 DATA_DIR: Final = "data-dir"
 """Optional: where this node's dataset files are (see ``fedprune.data.load_dataset``)."""
+DATA_PATH: Final = "data-path"
+"""Optional: this node's own data file (``python -m simulations.node_data``); no partitioning."""
+
 # -- Reproducible sampling (strategies/sampling.py) ------------------------------------------
 PARTITION_QUERY: Final = "partition"
 """Action of the ``query.partition`` message: the node replies with its ``partition-id``."""

@@ -55,23 +55,22 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, get_args
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.data_loader import DPDataLoader
-from opacus.grad_sample import GradSampleModule
-from opacus.grad_sample.gsm_base import AbstractGradSampleModule
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fedprune.catalog import AccountantName
+
+# Opacus (~120 MB resident with what it imports) is imported by the functions that use it, so
+# that a node importing the app without training under DP does not hold it.
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
+    from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+    from opacus.optimizers import DPOptimizer
 
 __all__ = [
     "MECHANISM_KEY",
@@ -286,6 +285,8 @@ def _calibrated_sigma(
     accountant: str,
     epsilon_tolerance: float,
 ) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():
         # The bisection starts at sigma = 20, where RDP's best order is the largest one.
         warnings.filterwarnings("ignore", message=_LARGEST_ALPHA_WARNING, category=UserWarning)
@@ -474,6 +475,8 @@ def epsilon_spent(arrays: Mapping[str, npt.NDArray[Any]], *, delta: float) -> fl
     state = accountant_state_from_arrays(arrays)
     if not state["history"]:
         return 0.0
+    from opacus.accountants import create_accountant
+
     accountant = create_accountant(mechanism=state["mechanism"])
     accountant.load_state_dict(state)
     return float(accountant.get_epsilon(delta=delta))
@@ -507,6 +510,9 @@ def _training_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _incompatibilities(model: nn.Module) -> list[str]:
+    from opacus.grad_sample import GradSampleModule
+    from opacus.validators import ModuleValidator
+
     with _training_mode(model):
         errors: list[Exception] = list(ModuleValidator.validate(model, strict=False))
     # Trainable layers with buffers (e.g. a custom layer) leak the buffers; Opacus's
@@ -537,6 +543,9 @@ def dp_compatible(model: nn.Module) -> nn.Module:
     DPCompatibilityError
         When the fixed model still fails Opacus's validators, with their reasons.
     """
+    from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+    from opacus.validators import ModuleValidator
+
     if isinstance(model, AbstractGradSampleModule):
         raise ValueError("model must be a plain nn.Module, not an Opacus GradSampleModule")
     if not _incompatibilities(model):
@@ -783,6 +792,9 @@ def make_private(
             f"accountant_state was kept by the {restored['mechanism']!r} accountant, "
             f"cfg.accountant is {cfg.accountant!r}"
         )
+
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
 
     # What make_private(poisson_sampling=True) does, with our generator for the sampling.
     dp_loader = DPDataLoader.from_data_loader(loader, generator=generator)

@@ -11,6 +11,7 @@ import hashlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,11 +19,14 @@ from torch import nn
 
 from fedprune.channels import ChannelPruning, channel_graph, channel_scores
 from fedprune.config import RunConfig
-from fedprune.data import ArrayDataset, client_data, load_dataset, partition
+from fedprune.data import DATASET_SHAPES, ClientDataset, client_data, load_dataset, partition
 from fedprune.distill import DistillPair, mutual_distillation_loss
 from fedprune.models import build_model, get_weights, set_weights
-from fedprune.privacy import DPConfig, PrivateTrainer, make_private, planned_total_steps
+from fedprune.node_data import NodeData, load_node_file
 from fedprune.pruning import apply_mask, compute_mask, magnitude_scores, sensitivity_scores
+
+if TYPE_CHECKING:  # Opacus (~120 MB resident) is imported only by rounds that train under DP
+    from fedprune.privacy import PrivateTrainer
 
 # Opacus's per-sample hooks make torch warn on every DP step; the hooks are what we want.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
@@ -37,32 +41,27 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def new_model(cfg: RunConfig, root: str | None = None) -> nn.Module:
+def new_model(cfg: RunConfig) -> nn.Module:
     """Build the run's model with the run's seed (identical on the server and every client)."""
-    train, _ = load_dataset(cfg.dataset, root=root)
+    input_shape, num_classes = DATASET_SHAPES[cfg.dataset]
     return build_model(
         cfg.model,
-        input_shape=train.input_shape,
-        num_classes=train.num_classes,
+        input_shape=input_shape,
+        num_classes=num_classes,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
 
 
-def channel_pruning(
-    cfg: RunConfig, model: nn.Module, root: str | None = None
-) -> ChannelPruning | None:
+def channel_pruning(cfg: RunConfig, model: nn.Module) -> ChannelPruning | None:
     """Return the run's channel pruning for ``model`` (``None`` unless granularity is channel)."""
     if cfg.prune_granularity != "channel":
         return None
-    train, _ = load_dataset(cfg.dataset, root=root)
-    return ChannelPruning(channel_graph(model, train.input_shape), cfg.channel_norm)
+    input_shape, _ = DATASET_SHAPES[cfg.dataset]
+    return ChannelPruning(channel_graph(model, input_shape), cfg.channel_norm)
 
 
 def new_teacher(
-    cfg: RunConfig,
-    partition_id: int,
-    saved: Mapping[str, np.ndarray] | None = None,
-    root: str | None = None,
+    cfg: RunConfig, partition_id: int, saved: Mapping[str, np.ndarray] | None = None
 ) -> nn.Module:
     """Return this node's private distillation teacher (``cfg.teacher_model``).
 
@@ -74,14 +73,12 @@ def new_teacher(
         The node's partition: each node's teacher has its own deterministic initialisation.
     saved : Mapping[str, np.ndarray], optional
         The teacher's weights kept from this node's earlier rounds (``context.state``).
-    root : str, optional
-        Data directory (the input shape comes from the dataset).
     """
-    train, _ = load_dataset(cfg.dataset, root=root)
+    input_shape, num_classes = DATASET_SHAPES[cfg.dataset]
     teacher = build_model(
         cfg.teacher_model,
-        input_shape=train.input_shape,
-        num_classes=train.num_classes,
+        input_shape=input_shape,
+        num_classes=num_classes,
         generator=torch.Generator().manual_seed(derive_seed(cfg.seed, partition_id, "teacher")),
     )
     if saved is not None:
@@ -89,10 +86,34 @@ def new_teacher(
     return teacher
 
 
+def node_file(cfg: RunConfig, data_path: str) -> NodeData:
+    """Load this node's data file, refusing one made for other data settings than the run's."""
+    node = load_node_file(data_path)
+    node.info.check_run(
+        dataset=cfg.dataset,
+        partitioning=cfg.partitioning,
+        alpha=cfg.alpha,
+        classes_per_client=cfg.classes_per_client,
+        seed=cfg.seed,
+        source=f"node data file {data_path!r}",
+    )
+    return node
+
+
 def local_train_data(
-    cfg: RunConfig, partition_id: int, num_partitions: int, root: str | None = None
-) -> ArrayDataset:
-    """Return the client's partition of the training split."""
+    cfg: RunConfig,
+    partition_id: int,
+    num_partitions: int,
+    root: str | None = None,
+    data_path: str | None = None,
+) -> ClientDataset:
+    """Return the client's partition of the training split.
+
+    From the node's data file when ``data_path`` is given (``uint8``, the same rows), else
+    partitioned in memory (simulation).
+    """
+    if data_path is not None:
+        return node_file(cfg, data_path).train
     return client_data(
         cfg.dataset,
         partition_id,
@@ -106,9 +127,15 @@ def local_train_data(
 
 
 def local_eval_data(
-    cfg: RunConfig, partition_id: int, num_partitions: int, root: str | None = None
-) -> ArrayDataset:
+    cfg: RunConfig,
+    partition_id: int,
+    num_partitions: int,
+    root: str | None = None,
+    data_path: str | None = None,
+) -> ClientDataset:
     """Return the client's IID shard of the held-out test split (federated evaluation)."""
+    if data_path is not None:
+        return node_file(cfg, data_path).test
     _, test = load_dataset(cfg.dataset, root=root)
     shards = partition(test.y, num_partitions, scheme="iid", seed=cfg.seed)
     return test.subset(shards[partition_id])
@@ -144,7 +171,7 @@ def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Op
 def train(
     cfg: RunConfig,
     model: nn.Module,
-    data: ArrayDataset,
+    data: ClientDataset,
     *,
     masks: TorchMasks | None,
     server_round: int,
@@ -163,7 +190,7 @@ def train(
         Local-training settings (optimizer, lr, epochs, batch size, DP, distillation).
     model : nn.Module
         The model, already holding the decoded global weights.
-    data : ArrayDataset
+    data : ClientDataset
         The client's training partition.
     masks : dict[str, torch.Tensor] or None
         Global mask; pruned weights are zero before training and after every step.
@@ -200,6 +227,8 @@ def train(
         trained_masks = {f"student.{name}": m for name, m in masks.items()}
     private: PrivateTrainer | None = None
     if cfg.dp:
+        from fedprune.privacy import DPConfig, make_private, planned_total_steps
+
         private = make_private(
             trained,
             lambda params: make_optimizer(cfg, params),
@@ -282,7 +311,7 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 512) -> tuple[float, float]:
+def evaluate(model: nn.Module, data: ClientDataset, batch_size: int = 512) -> tuple[float, float]:
     """Return (mean cross-entropy loss, accuracy in [0, 1]) of ``model`` on ``data``."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
@@ -298,7 +327,7 @@ def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 512) -> tup
 def vote(
     cfg: RunConfig,
     model: nn.Module,
-    data: ArrayDataset,
+    data: ClientDataset,
     *,
     kind: str,
     density: float,
@@ -333,7 +362,7 @@ def channel_vote(
     cfg: RunConfig,
     plan: ChannelPruning,
     model: nn.Module,
-    data: ArrayDataset,
+    data: ClientDataset,
     *,
     density: float,
     masks: TorchMasks | None,

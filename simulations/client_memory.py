@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -27,19 +28,28 @@ FASHION_MNIST_DIR: Final = Path("/usr/share/datasets/fashion-mnist")
 
 @dataclass(frozen=True)
 class ClientMemory:
-    """What one client round cost in memory (MiB of resident set size)."""
+    """What one client round cost in memory (MiB of resident set size) and time."""
 
     dataset: str
     model: str
     threads: int
     num_examples: int
+    data: str
+    """``"file"`` (the node's data file, ``data-path``) or ``"partition"`` (in memory)."""
     imports_mb: float
-    """RSS after importing torch, Flower and the app."""
+    """RSS after importing torch, Flower and the ClientApp (what a ``flwr-clientapp`` imports)."""
+    import_s: float
     data_mb: float
-    """Peak RSS after building the model and loading the client's partition."""
+    """Peak RSS after loading the client's data (its file, or the dataset and partitioning)."""
     peak_mb: float
     """Peak RSS over the whole round (``VmHWM``)."""
     train_s: float
+    """The round: decode, load the data, train one local epoch, encode the reply."""
+
+    @property
+    def round_mb(self) -> float:
+        """The round's increase of the peak over the imports."""
+        return round(self.peak_mb - self.imports_mb, 1)
 
 
 def benchmark_model() -> tuple[str, str]:
@@ -64,6 +74,8 @@ def measure_client_memory(
     threads: int = 1,
     partition_id: int = 0,
     num_partitions: int = 2,
+    data_path: str | os.PathLike[str] | None = None,
+    downlink: str | os.PathLike[str] | None = None,
     timeout_s: float = 1800.0,
 ) -> ClientMemory:
     """Measure one client round in a fresh process (see the module docstring).
@@ -76,8 +88,13 @@ def measure_client_memory(
         ``torch.set_num_threads`` and ``OMP_NUM_THREADS`` of the client.
     partition_id, num_partitions : int
         The client's partition (Dirichlet split, as the run config's defaults).
+    data_path : str or os.PathLike, optional
+        The node's data file (node config ``data-path``); default: partition in memory.
+    downlink : str or os.PathLike, optional
+        The round-1 message written by :func:`write_downlink`; default: written first, by
+        another process of this interpreter (the server's imports stay out of the client's).
     timeout_s : float
-        Limit for the child process.
+        Limit for each child process.
 
     Returns
     -------
@@ -87,30 +104,50 @@ def measure_client_memory(
     Raises
     ------
     RuntimeError
-        If the child process fails.
+        If a child process fails.
     """
     default_dataset, default_model = benchmark_model()
-    argv = [
-        sys.executable,
-        "-m",
-        "simulations.client_memory",
-        "--child",
-        "--dataset",
-        dataset or default_dataset,
-        "--model",
-        model or default_model,
-        "--threads",
-        str(threads),
-        "--partition-id",
-        str(partition_id),
-        "--num-partitions",
-        str(num_partitions),
-    ]
+    dataset, model = dataset or default_dataset, model or default_model
+    with tempfile.TemporaryDirectory() as tmp:
+        if downlink is None:
+            downlink = Path(tmp) / "downlink.pb"
+            _run_child(
+                ["--write-downlink", str(downlink), "--dataset", dataset, "--model", model],
+                threads,
+                timeout_s,
+            )
+        argv = [
+            "--child",
+            "--dataset",
+            dataset,
+            "--model",
+            model,
+            "--threads",
+            str(threads),
+            "--partition-id",
+            str(partition_id),
+            "--num-partitions",
+            str(num_partitions),
+            "--downlink",
+            str(downlink),
+        ]
+        if data_path is not None:
+            argv += ["--data-path", str(data_path)]
+        stdout = _run_child(argv, threads, timeout_s)
+    marker = "CLIENT_MEMORY "
+    lines = [line for line in stdout.splitlines() if line.startswith(marker)]
+    if not lines:
+        raise RuntimeError(f"client memory probe printed no result:\n{stdout[-3000:]}")
+    return ClientMemory(**json.loads(lines[-1][len(marker) :]))
+
+
+def _run_child(args: list[str], threads: int, timeout_s: float) -> str:
+    """Run ``python -m simulations.client_memory ARGS`` with ``threads`` threads; its stdout."""
     env = dict(os.environ)
     env.update({name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
     env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
     result = subprocess.run(
-        argv,
+        [sys.executable, "-m", "simulations.client_memory", *args],
         env=env,
         cwd=Path(__file__).resolve().parent.parent,
         capture_output=True,
@@ -118,13 +155,11 @@ def measure_client_memory(
         timeout=timeout_s,
         check=False,
     )
-    marker = "CLIENT_MEMORY "
-    lines = [line for line in result.stdout.splitlines() if line.startswith(marker)]
-    if result.returncode != 0 or not lines:
+    if result.returncode != 0:
         raise RuntimeError(
             f"client memory probe failed (exit code {result.returncode}):\n{result.stderr[-3000:]}"
         )
-    return ClientMemory(**json.loads(lines[-1][len(marker) :]))
+    return result.stdout
 
 
 def client_peak_rss_mb(
@@ -147,26 +182,24 @@ def client_peak_rss_mb(
     return measure_client_memory(dataset, model, threads=threads).peak_mb
 
 
-def _child(dataset: str, model: str, threads: int, partition_id: int, num_partitions: int) -> None:
-    """Run one client round in this process and print the measurement (``--child``)."""
-    # The imports are part of what is measured.
-    import torch
+def write_downlink(path: str | os.PathLike[str], dataset: str, model: str) -> None:
+    """Write the round-1 training message as the ServerApp's strategy builds it (protobuf).
 
-    torch.set_num_threads(threads)
-    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    The bytes are Flower's own wire form of the message (``message_to_proto``): what a
+    SuperNode receives for partition 0 in round 1.
+    """
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.common.serde import message_to_proto
     from flwr.serverapp import Grid
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
 
     from boundary.records import to_record
-    from clients.client_app import train
-    from fedprune import keys, task
+    from fedprune import task
     from fedprune.config import RunConfig
     from fedprune.models import get_weights
     from fedprune.pruning import prunable_names
     from strategies.factory import build_strategy
-
-    imports_mb = _status_mb("VmRSS")
 
     class _Nodes(Grid):  # only what a strategy's configure_train asks of the grid
         def set_run(self, run: Run) -> None:
@@ -187,7 +220,7 @@ def _child(dataset: str, model: str, threads: int, partition_id: int, num_partit
             raise NotImplementedError
 
         def get_node_ids(self) -> Iterable[int]:
-            return range(1, num_partitions + 1)
+            return range(1, 3)
 
         def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
             raise NotImplementedError
@@ -202,7 +235,6 @@ def _child(dataset: str, model: str, threads: int, partition_id: int, num_partit
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     cfg = RunConfig.from_mapping({"dataset": dataset, "model": model, "num-server-rounds": 1})
-    # The round-1 downlink exactly as the ServerApp's strategy builds it (a few MB at most).
     net = task.new_model(cfg)
     built = build_strategy(cfg, prunable=prunable_names(net))
     message = next(
@@ -210,17 +242,56 @@ def _child(dataset: str, model: str, threads: int, partition_id: int, num_partit
             built.strategy.configure_train(1, to_record(get_weights(net)), ConfigRecord(), _Nodes())
         )
     )
-    del built, net
-    task.local_train_data(cfg, partition_id, num_partitions)
+    Path(path).write_bytes(message_to_proto(message).SerializeToString())
+
+
+def _child(
+    dataset: str,
+    model: str,
+    threads: int,
+    partition_id: int,
+    num_partitions: int,
+    downlink: str,
+    data_path: str | None,
+) -> None:
+    """Run one client round in this process and print the measurement (``--child``)."""
+    # The imports are part of what is measured: those of a flwr-clientapp running our app.
+    started = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(threads)
+    from flwr.app import Context, RecordDict
+    from flwr.common.serde import message_from_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients.client_app import train
+    from fedprune import keys, task
+    from fedprune.config import RunConfig
+
+    import_s = time.perf_counter() - started
+    imports_mb = _status_mb("VmRSS")
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    proto = ProtoMessage()
+    proto.ParseFromString(Path(downlink).read_bytes())
+    message = message_from_proto(proto)
+    cfg = RunConfig.from_mapping({"dataset": dataset, "model": model, "num-server-rounds": 1})
+    node_config: dict[str, int | str] = (
+        {keys.DATA_PATH: data_path}
+        if data_path is not None
+        else {keys.PARTITION_ID: partition_id, keys.NUM_PARTITIONS: num_partitions}
+    )
+    started = time.perf_counter()
+    task.local_train_data(cfg, partition_id, num_partitions, data_path=data_path)
     data_mb = _status_mb("VmHWM")
     context = Context(
         run_id=1,
         node_id=1,
-        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
+        node_config=node_config,  # type: ignore[arg-type]
         state=RecordDict(),
         run_config=cfg.to_mapping(),
     )
-    started = time.perf_counter()
     reply = train(message, context, cfg)
     train_s = time.perf_counter() - started
     num_examples = int(reply.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES])  # type: ignore[arg-type]
@@ -229,7 +300,9 @@ def _child(dataset: str, model: str, threads: int, partition_id: int, num_partit
         model=model,
         threads=threads,
         num_examples=num_examples,
+        data="partition" if data_path is None else "file",
         imports_mb=round(imports_mb, 1),
+        import_s=round(import_s, 2),
         data_mb=round(data_mb, 1),
         peak_mb=round(_status_mb("VmHWM"), 1),
         train_s=round(train_s, 2),
@@ -245,10 +318,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--partition-id", type=int, default=0)
     parser.add_argument("--num-partitions", type=int, default=2)
+    parser.add_argument("--data-path", help="the node's data file (default: partition in memory)")
+    parser.add_argument("--downlink", help="round-1 message from --write-downlink")
+    parser.add_argument("--write-downlink", metavar="FILE", help="only write the message")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.write_downlink:
+        default_dataset, default_model = benchmark_model()
+        write_downlink(
+            args.write_downlink, args.dataset or default_dataset, args.model or default_model
+        )
+        return 0
     if args.child:
-        _child(args.dataset, args.model, args.threads, args.partition_id, args.num_partitions)
+        _child(
+            args.dataset,
+            args.model,
+            args.threads,
+            args.partition_id,
+            args.num_partitions,
+            args.downlink,
+            args.data_path,
+        )
         return 0
     measured = measure_client_memory(
         args.dataset,
@@ -256,9 +346,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=args.threads,
         partition_id=args.partition_id,
         num_partitions=args.num_partitions,
+        data_path=args.data_path,
+        downlink=args.downlink,
     )
     for name, value in asdict(measured).items():
         print(f"{name}\t{value}")
+    print(f"round_mb\t{measured.round_mb}")
     print(f"client_peak_rss_mb\t{measured.peak_mb}")
     return 0
 

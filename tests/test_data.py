@@ -363,7 +363,10 @@ def test_cifar10_conversion_from_python_batches(tmp_path: Path) -> None:
     md5-checked public path must reject the same fakes as unavailable.
     """
     train_rows, train_labels, test_rows, test_labels = _write_cifar_batches(tmp_path)
-    train, test = _load_vision(_Cifar10WithoutChecksums, "cifar10", tmp_path, download=False)
+    train_bytes, test_bytes = _load_vision(
+        _Cifar10WithoutChecksums, "cifar10", tmp_path, download=False
+    )
+    train, test = train_bytes.to_float(), test_bytes.to_float()  # uint8 kept, floats on demand
     assert train.x.shape == (10, 3, 32, 32) and test.x.shape == (3, 3, 32, 32)
     np.testing.assert_array_equal(train.y, train_labels)
     np.testing.assert_array_equal(test.y, test_labels)
@@ -375,7 +378,7 @@ def test_cifar10_conversion_from_python_batches(tmp_path: Path) -> None:
         test.x, standardised(test_rows.reshape(-1, 3, 32, 32), "cifar10"), rtol=1e-5, atol=1e-5
     )
     assert test.x[0, 1, 5, 7] == pytest.approx((200 / 255 - 0.4822) / 0.2435, rel=1e-6)
-    assert train.x.flags.c_contiguous and not train.x.flags.writeable
+    assert train.x.flags.c_contiguous
 
     with pytest.raises(DatasetUnavailableError, match="not found or corrupted"):
         load_dataset("cifar10", root=tmp_path, download=False)
