@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
@@ -188,61 +188,26 @@ def write_downlink(path: str | os.PathLike[str], dataset: str, model: str) -> No
     The bytes are Flower's own wire form of the message (``message_to_proto``): what a
     SuperNode receives for partition 0 in round 1.
     """
-    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.app import ConfigRecord
     from flwr.common.serde import message_to_proto
-    from flwr.serverapp import Grid
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
 
     from boundary.records import to_record
     from fedprune import task
     from fedprune.config import RunConfig
     from fedprune.models import get_weights
     from fedprune.pruning import prunable_names
+    from simulations.grid import StaticGrid, server_task_identity
     from strategies.factory import build_strategy
 
-    class _Nodes(Grid):  # only what a strategy's configure_train asks of the grid
-        def set_run(self, run: Run) -> None:
-            raise NotImplementedError
-
-        @property
-        def run(self) -> Run:
-            raise NotImplementedError
-
-        def create_message(
-            self,
-            content: RecordDict,
-            message_type: str,
-            dst_node_id: int,
-            group_id: str,
-            ttl: float | None = None,
-        ) -> Message:
-            raise NotImplementedError
-
-        def get_node_ids(self) -> Iterable[int]:
-            return range(1, 3)
-
-        def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-            raise NotImplementedError
-
-        def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-            raise NotImplementedError
-
-        def send_and_receive(
-            self, messages: Iterable[Message], *, timeout: float | None = None
-        ) -> Iterable[Message]:
-            raise NotImplementedError
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     cfg = RunConfig.from_mapping({"dataset": dataset, "model": model, "num-server-rounds": 1})
     net = task.new_model(cfg)
     built = build_strategy(cfg, prunable=prunable_names(net))
-    message = next(
-        iter(
-            built.strategy.configure_train(1, to_record(get_weights(net)), ConfigRecord(), _Nodes())
+    with server_task_identity():
+        sent = built.strategy.configure_train(
+            1, to_record(get_weights(net)), ConfigRecord(), StaticGrid([1, 2])
         )
-    )
-    Path(path).write_bytes(message_to_proto(message).SerializeToString())
+        message = next(iter(sent))
+        Path(path).write_bytes(message_to_proto(message).SerializeToString())
 
 
 def _child(
