@@ -77,7 +77,6 @@ deploy-demo: venv
 wire-bench: venv
 	$(BIN)/python -m simulations.bench_wire
 
- .ruff_cache .pytest_cache .hypothesis
 # A Raspberry Pi node on this machine under qemu-aarch64 (root; Debian's qemu-user-static,
 # debootstrap, dataset-fashion-mnist): arm64 root in .pi/, the README's Pi install, one CNN
 # round; prints install size, RSS and round time. Emulation is slow: not part of `make test`.
