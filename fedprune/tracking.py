@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedprune.checkpoint import run_dir
 from fedprune.config import ConfigError, RunConfig
 from fedprune.results import RoundRecord
 
@@ -70,7 +71,8 @@ class MetricsLog:
         self._tensorboard: Any = None
         self._mlflow: Any = None
         self._mlflow_run = ""
-        directory = Path(cfg.results_dir) / cfg.run_name
+        directory = run_dir(cfg.results_dir, cfg.run_name)  # a relative results-dir: the project's
+        root = directory.parent
         if cfg.log_tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -89,9 +91,9 @@ class MetricsLog:
                     "config key 'log-mlflow': needs MLflow (pip install 'fedprune[mlflow]'), "
                     "or set it to false"
                 ) from err
-            Path(cfg.results_dir).mkdir(parents=True, exist_ok=True)
-            client = MlflowClient(tracking_uri=mlflow_uri(cfg.results_dir))
-            name = Path(cfg.results_dir).resolve().name
+            root.mkdir(parents=True, exist_ok=True)
+            client = MlflowClient(tracking_uri=mlflow_uri(root))
+            name = root.resolve().name
             experiment = client.get_experiment_by_name(name)
             experiment_id = (
                 experiment.experiment_id if experiment else client.create_experiment(name)

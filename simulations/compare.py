@@ -33,6 +33,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from fedprune.checkpoint import run_dir
 from fedprune.config import RunConfig
 from fedprune.results import RunSummary, load_summary
 from simulations.report import Outcome, plot_accuracy_vs_mb, run_rows, write_summary
@@ -71,7 +72,7 @@ def quiet_flower_logs() -> None:
 
 def finished_run(cfg: RunConfig, num_clients: int) -> RunSummary | None:
     """Return the summary of a finished run of exactly ``cfg`` on ``num_clients`` nodes, if any."""
-    path = Path(cfg.results_dir) / cfg.run_name / "summary.json"
+    path = run_dir(cfg.results_dir, cfg.run_name) / "summary.json"
     if not path.is_file():
         return None
     summary = load_summary(path)
@@ -116,7 +117,7 @@ def run_whole(
             f"{[i + 1 for i, f in enumerate(failures) if f]} (attempt {attempt} of {ATTEMPTS}); "
             "see the log above"
         )
-    shutil.rmtree(Path(cfg.results_dir) / cfg.run_name, ignore_errors=True)
+    shutil.rmtree(run_dir(cfg.results_dir, cfg.run_name), ignore_errors=True)
     raise RuntimeError(f"run {cfg.run_name!r} had failed replies in each of {ATTEMPTS} attempts")
 
 
