@@ -109,8 +109,28 @@ class DatasetUnavailableError(RuntimeError):
 # -- ArrayDataset -------------------------------------------------------------------------
 
 
+class _Rows:
+    """What every dataset here has: one row of ``x`` and one label of ``y`` per example."""
+
+    x: npt.NDArray[Any]
+    y: npt.NDArray[np.int64]
+    num_classes: int
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example: ``(C, H, W)`` or ``(D,)``."""
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    def class_counts(self) -> npt.NDArray[np.int64]:
+        """Count the examples of each class, ``(num_classes,)``."""
+        return np.bincount(self.y, minlength=self.num_classes).astype(np.int64, copy=False)
+
+
 @dataclass(frozen=True, eq=False)
-class ArrayDataset:
+class ArrayDataset(_Rows):
     """An in-memory labelled dataset.
 
     Parameters
@@ -141,18 +161,6 @@ class ArrayDataset:
         if self.x.ndim not in (2, 4):
             raise ValueError(f"x must have shape (N, D) or (N, C, H, W), got {self.x.shape}")
         _check_labels(self.y, self.x.shape[0], self.num_classes)
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """Shape of one example: ``(C, H, W)`` or ``(D,)``."""
-        return tuple(int(d) for d in self.x.shape[1:])
-
-    def class_counts(self) -> npt.NDArray[np.int64]:
-        """Count the examples of each class, ``(num_classes,)``."""
-        return np.bincount(self.y, minlength=self.num_classes).astype(np.int64, copy=False)
 
     def subset(self, indices: npt.NDArray[np.integer[Any]] | slice) -> ArrayDataset:
         """Select rows ``indices`` of this dataset.
@@ -222,7 +230,7 @@ class ArrayDataset:
 
 
 @dataclass(frozen=True, eq=False)
-class ByteDataset:
+class ByteDataset(_Rows):
     """A labelled image dataset kept as ``uint8`` pixels, standardised batch by batch.
 
     What a node holds (:mod:`fedprune.node_data`): a quarter of the memory of the ``float32``
@@ -266,18 +274,6 @@ class ByteDataset:
                     f"got {_describe(value)}"
                 )
         _check_labels(self.y, self.x.shape[0], self.num_classes)
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """Shape of one example: ``(C, H, W)``."""
-        return tuple(int(d) for d in self.x.shape[1:])
-
-    def class_counts(self) -> npt.NDArray[np.int64]:
-        """Count the examples of each class, ``(num_classes,)``."""
-        return np.bincount(self.y, minlength=self.num_classes).astype(np.int64, copy=False)
 
     def subset(self, indices: npt.NDArray[np.integer[Any]]) -> ByteDataset:
         """Select rows ``indices`` (1-D integer array; copies the selected rows)."""

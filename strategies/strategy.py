@@ -165,6 +165,7 @@ class FedPrune(StrategyWrapper):
         if state is None or state.server_round != server_round:
             raise RuntimeError(f"aggregate_train({server_round}) before configure_train")
         accepted: list[tuple[Message, TrainReply]] = []
+        seen: set[int] = set()
         reasons: list[str] = []
         failures = 0
         for reply in replies:
@@ -173,7 +174,7 @@ class FedPrune(StrategyWrapper):
                 continue
             node = reply.metadata.src_node_id
             try:  # the one boundary around everything derived from a client's bytes
-                if any(node == read.node for _, read in accepted):
+                if node in seen:
                     raise ValueError("duplicate reply from the same node")
                 read = read_train_reply(
                     reply,
@@ -184,6 +185,7 @@ class FedPrune(StrategyWrapper):
             except Exception as err:  # any failure rejects the reply, not the run
                 self._reject(server_round, node, err, reasons)
                 continue
+            seen.add(node)
             accepted.append((reply, read))
         reads = [read for _, read in accepted]
         if self.downlink is not None:
