@@ -104,8 +104,11 @@ def rice_encode(bits: NDArray[np.bool_], counts: list[tuple[int, int]]) -> NDArr
     return np.packbits(out)
 
 
-def rice_decode(label: str, stream: np.ndarray, counts: list[tuple[int, int]]) -> NDArray[np.bool_]:
-    """Inverse of :func:`rice_encode`: the concatenated segments as one flat bool array.
+def rice_decode(label: str, stream: np.ndarray, counts: list[tuple[int, int]]) -> NDArray[np.int64]:
+    """Inverse of :func:`rice_encode`: the set positions of the concatenated segments.
+
+    Returns the sorted flat positions (into the concatenation of all segments) of the set
+    bits, without building the bit array itself.
 
     Raises
     ------
@@ -159,7 +162,5 @@ def rice_decode(label: str, stream: np.ndarray, counts: list[tuple[int, int]]) -
         last = first[nonempty] + n_seg[nonempty] - 1
         if (local[last] >= sizes[nonempty]).any():
             raise ValueError(f"{label}: a Rice-coded position lies past the end of its tensor")
-    out = np.zeros(int(sizes.sum()), dtype=np.bool_)
     seg_start = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
-    out[seg_start[seg] + local] = True
-    return out
+    return seg_start[seg] + local
