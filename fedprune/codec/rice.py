@@ -104,6 +104,31 @@ def rice_encode(bits: NDArray[np.bool_], counts: list[tuple[int, int]]) -> NDArr
     return np.packbits(out)
 
 
+def _remainders(
+    bits: NDArray[np.bool_], k_seg: NDArray[np.int64], n_seg: NDArray[np.int64]
+) -> NDArray[np.int64]:
+    """Read the k-bit remainders (MSB first, one ``k`` per segment) of every position.
+
+    Each segment's remainders are one ``(n, k)`` bit block, packed row-wise into bytes (left
+    padded to whole bytes) and combined: no per-bit Python loop over the positions.
+    """
+    out = np.zeros(int(n_seg.sum()), dtype=np.int64)
+    bit = entry = 0
+    for k, n in zip(k_seg.tolist(), n_seg.tolist(), strict=True):
+        if k and n:
+            width = -(-k // 8) * 8
+            block = np.zeros((n, width), dtype=np.bool_)
+            block[:, width - k :] = bits[bit : bit + n * k].reshape(n, k)
+            packed = np.packbits(block, axis=1).astype(np.int64)
+            r = packed[:, 0]
+            for column in range(1, width // 8):
+                r = (r << 8) | packed[:, column]
+            out[entry : entry + n] = r
+        bit += n * k
+        entry += n
+    return out
+
+
 def rice_decode(label: str, stream: np.ndarray, counts: list[tuple[int, int]]) -> NDArray[np.int64]:
     """Inverse of :func:`rice_encode`: the set positions of the concatenated segments.
 
@@ -132,12 +157,7 @@ def rice_decode(label: str, stream: np.ndarray, counts: list[tuple[int, int]]) -
     raw = np.unpackbits(stream).view(np.bool_)
     if raw.size < n_rem:
         raise ValueError(f"{label}: Rice stream ends inside its remainders")
-    rem_bits = raw[:n_rem]
-    rem_start = np.cumsum(k) - k
-    r = np.zeros(n_total, dtype=np.int64)
-    for j in range(int(k.max()) if k.size else 0):
-        has = k > j
-        r[has] = (r[has] << 1) | rem_bits[rem_start[has] + j]
+    r = _remainders(raw[:n_rem], k_seg, n_seg)
     zeros = np.flatnonzero(~raw[n_rem:])
     if zeros.size < n_total:
         raise ValueError(f"{label}: Rice stream ends after {zeros.size} of {n_total} positions")

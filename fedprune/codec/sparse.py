@@ -70,4 +70,4 @@ class SparseTensor:
         if self.index is None:
             flat += scaled
         else:
-            flat[self.index] += scaled  # positions are distinct: no lost updates
+            np.add.at(flat, self.index, scaled)
