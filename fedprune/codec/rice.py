@@ -104,29 +104,28 @@ def rice_encode(bits: NDArray[np.bool_], counts: list[tuple[int, int]]) -> NDArr
     return np.packbits(out)
 
 
-def _remainders(
-    bits: NDArray[np.bool_], k_seg: NDArray[np.int64], n_seg: NDArray[np.int64]
-) -> NDArray[np.int64]:
-    """Read the k-bit remainders (MSB first, one ``k`` per segment) of every position.
+def _remainders(stream: NDArray[np.uint8], k: NDArray[np.int64], n_rem: int) -> NDArray[np.int64]:
+    """Read every position's ``k``-bit remainder (MSB first, packed back to back from bit 0).
 
-    Each segment's remainders are one ``(n, k)`` bit block, packed row-wise into bytes (left
-    padded to whole bytes) and combined: no per-bit Python loop over the positions.
+    A remainder lies within the 4 bytes (8 when ``k > 25``) from the byte its first bit is
+    in: the big-endian word that starts at every byte of the stream is built once, then each
+    remainder is one gather and a shift, with no loop over bits or positions.
     """
-    out = np.zeros(int(n_seg.sum()), dtype=np.int64)
-    bit = entry = 0
-    for k, n in zip(k_seg.tolist(), n_seg.tolist(), strict=True):
-        if k and n:
-            width = -(-k // 8) * 8
-            block = np.zeros((n, width), dtype=np.bool_)
-            block[:, width - k :] = bits[bit : bit + n * k].reshape(n, k)
-            packed = np.packbits(block, axis=1).astype(np.int64)
-            r = packed[:, 0]
-            for column in range(1, width // 8):
-                r = (r << 8) | packed[:, column]
-            out[entry : entry + n] = r
-        bit += n * k
-        entry += n
-    return out
+    if not k.size:
+        return np.zeros(0, dtype=np.int64)
+    k_max = int(k.max())
+    if k_max > 57:
+        raise ValueError("Rice parameter above 57 (a segment of more than 2**57 entries)")
+    width, dtype = (4, np.uint32) if k_max <= 25 else (8, np.uint64)
+    n_bytes = (n_rem + 7) // 8
+    padded = np.concatenate((stream[:n_bytes], np.zeros(width, dtype=np.uint8)))
+    words = np.zeros(n_bytes + 1, dtype=dtype)
+    for i in range(width):
+        words |= padded[i : i + n_bytes + 1].astype(dtype) << dtype(8 * (width - 1 - i))
+    start = np.cumsum(k) - k
+    shift = (8 * width - (start & 7) - k).astype(dtype)
+    mask = (dtype(1) << k.astype(dtype)) - dtype(1)
+    return ((words[start >> 3] >> shift) & mask).astype(np.int64)
 
 
 def rice_decode(label: str, stream: np.ndarray, counts: list[tuple[int, int]]) -> NDArray[np.int64]:
@@ -157,7 +156,7 @@ def rice_decode(label: str, stream: np.ndarray, counts: list[tuple[int, int]]) -
     raw = np.unpackbits(stream).view(np.bool_)
     if raw.size < n_rem:
         raise ValueError(f"{label}: Rice stream ends inside its remainders")
-    r = _remainders(raw[:n_rem], k_seg, n_seg)
+    r = _remainders(stream, k, n_rem)
     zeros = np.flatnonzero(~raw[n_rem:])
     if zeros.size < n_total:
         raise ValueError(f"{label}: Rice stream ends after {zeros.size} of {n_total} positions")
