@@ -140,7 +140,8 @@ def test_the_weighted_mean_path_equals_aggregating_every_model(
             arrays, metrics = wrapper.aggregate_train(server_round, replies)
             assert arrays is not None and metrics is not None
             weights = from_record(arrays)
-        results.append((weights, dict(metrics)))
+            aggregated_metrics = dict(metrics)
+        results.append((weights, aggregated_metrics))
     (w_fast, m_fast), (w_general, m_general) = results
     for name in GLOBAL:
         np.testing.assert_allclose(w_fast[name], w_general[name], rtol=1e-5, atol=1e-6)
