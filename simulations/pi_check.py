@@ -48,10 +48,10 @@ SUITE: Final = "bookworm"
 MIRROR: Final = "http://deb.debian.org/debian"
 PACKAGES: Final = ("python3", "python3-venv", "python3-pip", "ca-certificates")
 QEMU: Final = Path("/usr/bin/qemu-aarch64-static")
-QEMU_CPU: Final = "cortex-a76"
-"""The emulated core: a Raspberry Pi 5's (qemu's default, ``max``, has SVE, no Pi has). A Pi 4's
-``cortex-a72`` stops at ``import torch`` with SIGILL: torch 2.10's aarch64 wheel uses ARMv8.1
-atomics (pytorch/pytorch#176993, fixed in 2.11, whose aarch64 wheels pull CUDA)."""
+QEMU_CPU: Final = "cortex-a72"
+"""The emulated core: a Raspberry Pi 4's (ARMv8.0; a Pi 5's Cortex-A76 is a superset). qemu's
+default, ``max``, has instructions no Pi has: torch 2.10's aarch64 wheel ran there and stops with
+SIGILL on this core (ARMv8.1 atomics, pytorch/pytorch#176993); 2.9.1, the aarch64 pin, runs."""
 LOCAL_STEPS: Final = 50
 """The round's ``local-steps`` (batches of 16): a whole epoch of partition 0 is ~2,050 steps,
 at 2-4 s each under emulation here; memory is flat after the first step."""
