@@ -8,9 +8,10 @@ Steps (each cached under ``.pi/``, which git ignores):
    README's Pi command (:data:`INSTALL`) — ``pip`` of the arm64 Python, from the package index;
 3. on this machine, the node's data file (``python -m simulations.node_data``, Fashion-MNIST,
    partition 0 of 2) and the round-1 downlink the server's strategy builds;
-4. under ``qemu-aarch64-static``, the client-memory probe (:mod:`simulations.client_memory`)
-   of the installed package: one training round of the Fashion-MNIST CNN on that file, one
-   thread.
+4. under ``qemu-aarch64-static`` emulating a Pi 4's core (:data:`QEMU_CPU`), the client-memory
+   probe (:mod:`simulations.client_memory`) of the installed package: one training round of the
+   Fashion-MNIST CNN on that file through the ClientApp's ``train``, one thread, capped at
+   :data:`LOCAL_STEPS` local steps (a whole epoch takes hours emulated).
 
 It prints the install size, the imports' RSS and time, the peak RSS, the round's increase over
 the imports and the round time, and exits non-zero when the peak exceeds
