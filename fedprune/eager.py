@@ -1,7 +1,8 @@
 """torch's optimizers on a client without importing ``torch._dynamo``, torch's compiler.
 
-torch (2.10 and 2.14.1 alike) imports ``torch._dynamo``, and sympy with it, the first time an
-optimizer is used, for two things that do nothing in a process that never compiles, as a client:
+torch (2.9.1, 2.10 and 2.14.1 alike) imports ``torch._dynamo``, and sympy with it, the first
+time an optimizer is used, for two things that do nothing in a process that never compiles, as a
+client:
 
 - ``Optimizer.add_param_group`` (called by every optimizer's constructor), ``zero_grad``,
   ``state_dict`` and ``load_state_dict`` are wrapped by ``torch._disable_dynamo``, which imports
