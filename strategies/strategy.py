@@ -109,12 +109,22 @@ def _aggregate_mean(
     the metrics of all the replies.
     """
     total = sum(read.weight for _, read in accepted)
-    mean = {name: np.zeros(g.shape, dtype=np.float32) for name, g in weights.items()}
-    for _, read in accepted:
-        for name, update in read.update.items():
-            update.add_into(mean[name], read.weight / total)
-    for name, g in weights.items():
-        mean[name] += g
+    mean: dict[str, np.ndarray]
+    if all(read.sent_model is not None for _, read in accepted):
+        # Plain float32 models: Flower's own sum (aggregate_arrayrecords), bit for bit.
+        mean = {}
+        for _, read in accepted:
+            assert read.sent_model is not None
+            for name in weights:
+                term = read.sent_model[name] * (read.weight / total)
+                mean[name] = term if name not in mean else np.add(mean[name], term, out=mean[name])
+    else:
+        mean = {name: np.zeros(g.shape, dtype=np.float32) for name, g in weights.items()}
+        for _, read in accepted:
+            for name, update in read.update.items():
+                update.add_into(mean[name], read.weight / total)
+        for name, g in weights.items():
+            mean[name] += g
     contents = [RecordDict({keys.METRICS: metrics}) for metrics in normal]
     metrics = strategy.train_metrics_aggr_fn(contents, strategy.weighted_by_key)
     if type(strategy) in STATELESS_MEAN_STRATEGIES:
