@@ -261,7 +261,7 @@ def _read_positions(
     compressed = bool(layout.flags & zlib_flag)
     bits = _read_stream(key, payload[key], np.dtype(np.uint8), (n_bits + 7) // 8, compressed)
     _check_padding(_label(key), bits, n_bits)
-    return np.flatnonzero(np.unpackbits(bits, count=n_bits))
+    return np.flatnonzero(np.unpackbits(bits, count=n_bits).view(np.bool_))
 
 
 def _segment(positions: NDArray[np.int64], start: int, count: int) -> NDArray[np.int64]:
@@ -304,8 +304,10 @@ def _decode_entry(
     if flat_idx is None:
         return SparseTensor.from_dense(_dequantize(data, step, entry.shape, channel))
     values = data.astype(np.float32)
-    if values.size:
-        values *= step[flat_idx // (entry.size // entry.shape[0])] if channel else step[0]
+    if values.size and channel:
+        values *= np.repeat(step, _row_counts(flat_idx, entry.shape))
+    elif values.size:
+        values *= step[0]
     return SparseTensor(entry.shape, flat_idx, values)
 
 
