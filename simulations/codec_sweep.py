@@ -49,6 +49,12 @@ CODEC_ROWS: tuple[Row, ...] = (
     _row("tern-topk0.02", "ternary", 0.02),
     _row("tern-topk0.03-downint8", "ternary", 0.03, downlink_quant="int8-channel"),
     _row("tern-up0.02-down0.04", "ternary", 0.02, 0.04),
+    _row("tern-up0.05-down0.03", "ternary", 0.05, 0.03),
+    _row("tern-up0.03-down0.05", "ternary", 0.03, 0.05),
+    _row("tern-topk0.05-log8", "ternary", 0.05, lowbit_scales="log8"),
+    _row("tern-topk0.04-log8", "ternary", 0.04, lowbit_scales="log8"),
+    _row("tern-up0.05-down0.03-log8", "ternary", 0.05, 0.03, lowbit_scales="log8"),
+    _row("tern-up0.03-down0.05-log8", "ternary", 0.03, 0.05, lowbit_scales="log8"),
 )
 """Candidate rows (issue 14): every new row sends one Array per payload and starts seeded."""
 
