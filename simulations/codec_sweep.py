@@ -55,6 +55,9 @@ CODEC_ROWS: tuple[Row, ...] = (
     _row("tern-topk0.04-log8", "ternary", 0.04, lowbit_scales="log8"),
     _row("tern-up0.05-down0.03-log8", "ternary", 0.05, 0.03, lowbit_scales="log8"),
     _row("tern-up0.03-down0.05-log8", "ternary", 0.03, 0.05, lowbit_scales="log8"),
+    _row("tern-up0.05-down0.02-log8", "ternary", 0.05, 0.02, lowbit_scales="log8"),
+    _row("tern-up0.05-down0.025-log8", "ternary", 0.05, 0.025, lowbit_scales="log8"),
+    _row("tern-up0.04-down0.03-log8", "ternary", 0.04, 0.03, lowbit_scales="log8"),
 )
 """Candidate rows (issue 14): every new row sends one Array per payload and starts seeded."""
 
