@@ -58,6 +58,28 @@ CODEC_ROWS: tuple[Row, ...] = (
     _row("tern-up0.05-down0.02-log8", "ternary", 0.05, 0.02, lowbit_scales="log8"),
     _row("tern-up0.05-down0.025-log8", "ternary", 0.05, 0.025, lowbit_scales="log8"),
     _row("tern-up0.04-down0.03-log8", "ternary", 0.04, 0.03, lowbit_scales="log8"),
+    _row(
+        "tern-up0.04-down0.03-log8-m0.5",
+        "ternary",
+        0.04,
+        0.03,
+        lowbit_scales="log8",
+        inner_strategy="fedavgm",
+        server_momentum=0.5,
+    ),
+    # The float32 row of that server optimizer (FedAvgM, momentum 0.5): dense float32 values
+    # both ways through the codec, like stock FedAvg's.
+    Row(
+        "fedavgm0.5-fp32",
+        {
+            "quant": "none",
+            "target-density": 1.0,
+            "entropy": False,
+            "error-feedback": False,
+            "inner-strategy": "fedavgm",
+            "server-momentum": 0.5,
+        },
+    ),
 )
 """Candidate rows (issue 14): every new row sends one Array per payload and starts seeded."""
 
