@@ -53,7 +53,7 @@ VENV313 := .venv313
 $(VENV313)/.installed-stamp: pyproject.toml simulations/local_superlink.py
 	test -x $(VENV313)/bin/python || $(PYTHON313) -m venv $(VENV313)
 	$(VENV313)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV313)/bin/python -m pip install --quiet -e ".[simulation,dev]"
+	$(VENV313)/bin/python -m pip install --quiet -e ".[simulation,mlflow,dev]"
 	$(VENV313)/bin/python -m simulations.local_superlink install
 	touch $@
 

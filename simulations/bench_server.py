@@ -60,17 +60,14 @@ def bench_server_reply_cost() -> dict[str, float]:
         {k: (0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in weights.items()}
         for _ in range(REPLIES)
     ]
-    payloads = [to_record(codec.encode(d, cfg.update_codec())) for d in deltas]
-    # What stock FedAvg gets: each client's model (what it decoded, plus its update) as float32.
-    models = [
-        to_record(
-            {
-                k: w + codec.decode(codec.encode(d, cfg.update_codec()))[k]
-                for k, w in weights.items()
-            }
-        )
-        for d in deltas
-    ]
+    encoded = [codec.encode(d, cfg.update_codec()) for d in deltas]
+    payloads = [to_record(p) for p in encoded]
+    # What stock FedAvg gets: each client's model (the global one plus its decoded update).
+    models = []
+    for payload in encoded:
+        update = codec.decode(payload)
+        models.append(to_record({k: w + update[k] for k, w in weights.items()}))
+    del deltas, encoded
     metrics = MetricRecord({keys.NUM_EXAMPLES: 100, keys.SERVER_ROUND: 1})
     chain_s: list[float] = []
     fedavg_s: list[float] = []

@@ -53,6 +53,7 @@ DIGITS = {
     "epsilon": 3,
     "wall_s": 1,
     "density": 4,
+    "latency_ms_per_example": 3,
 }
 """Decimals of each metric in the tables (absent: integers)."""
 DIFF = "d_final_accuracy_pts"
@@ -240,7 +241,15 @@ def _csv_cell(column: str, value: Cell) -> str:
 def markdown_table(rows: Sequence[dict[str, Cell]], *, baseline: str) -> str:
     """Render aggregated rows as a Markdown table: ``mean ± sd`` per metric (mean for one seed)."""
     shown = ("final_accuracy", "best_accuracy", "bytes_up", "bytes_total", "ratio_vs_fedavg")
-    later = ("epsilon", "wall_s", "density", "model_bytes_compact")
+    later = (
+        "epsilon",
+        "wall_s",
+        "density",
+        "model_bytes_compact",
+        "params_compact",
+        "macs_per_example",
+        "latency_ms_per_example",
+    )
     header = [
         "strategy",
         "seeds",

@@ -138,14 +138,15 @@ class MaskPolicy:
         if reply.vote is not None:
             return reply.vote
         if self.channels is not None:
-            model = {name: w + reply.update[name] for name, w in weights.items()}
+            model = reply.model(weights)
             return self.channels.own_vote(
                 self.channels.scores(model),
                 rule=self.reconcile_config.rule,
                 density=density,
                 prior=self.mask,
             )
-        vote = {name: np.abs(weights[name] + reply.update[name]) for name in self.prunable}
+        model = reply.model({name: weights[name] for name in self.prunable})
+        vote = {name: np.abs(m) for name, m in model.items()}
         if self.reconcile_config.rule != "topk":  # the client's own top-k mask
             own = ReconcileConfig(rule="topk", density=density)
             vote = reconcile([vote], [1.0], own, prior=self.mask)

@@ -60,8 +60,9 @@ class TrainReply:
     node: int
     num_examples: int
     """The example count the reply claimed (the bounds may lower :attr:`weight`)."""
-    update: dict[str, np.ndarray]
-    """The client's model minus the global model the round sent, float32, in model order."""
+    update: dict[str, codec.SparseTensor]
+    """The client's model minus the global model the round sent, in model order: only the
+    entries the client transmitted (a plain float32 reply transmits all of them)."""
     metrics: dict[str, float]
     """Validated scalar metrics, ``num-examples`` and ``server-round`` excluded."""
     vote: dict[str, np.ndarray] | None = None
@@ -74,9 +75,17 @@ class TrainReply:
     def __post_init__(self) -> None:
         self.weight = float(self.num_examples)
 
+    def model(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Return the client's model: ``weights`` (the round's global model) plus the update."""
+        model = {}
+        for name, g in weights.items():
+            model[name] = np.array(g, dtype=np.float32, order="C", copy=True)
+            self.update[name].add_into(model[name])
+        return model
+
     def norm(self) -> float:
         """Return the L2 norm of the update over all tensors."""
-        return math.sqrt(sum(float(np.vdot(u, u)) for u in self.update.values()))
+        return math.sqrt(sum(u.squared_norm() for u in self.update.values()))
 
 
 @dataclass
@@ -224,7 +233,7 @@ def read_train_reply(
     arrays = read_record(content[keys.ARRAYS], max_bytes=state.max_reply_bytes)
     bits = None
     if compressed:
-        update = codec.decode(arrays, masks=state.mask, shapes=state.shapes)
+        update = codec.decode_sparse(arrays, masks=state.mask, shapes=state.shapes)
         bits = codec.bits_breakdown(arrays)
     else:
         update = _plain_update(arrays, state.weights)
@@ -240,11 +249,11 @@ def read_train_reply(
 
 def _plain_update(
     arrays: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
+) -> dict[str, codec.SparseTensor]:
     """Return ``model - weights`` for a float32 model that must match ``weights`` exactly."""
     if list(arrays) != list(weights):
         raise ValueError(f"arrays {list(arrays)} differ from the model's {list(weights)}")
-    update: dict[str, np.ndarray] = {}
+    update: dict[str, codec.SparseTensor] = {}
     for name, g in weights.items():
         a = arrays[name]
         if a.shape != g.shape or a.dtype != g.dtype:
@@ -253,7 +262,7 @@ def _plain_update(
             )
         if not np.isfinite(a).all():
             raise ValueError(f"'{name}' has non-finite values")
-        update[name] = a - g
+        update[name] = codec.SparseTensor.from_dense(a - g)
     return update
 
 

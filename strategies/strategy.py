@@ -26,14 +26,22 @@ travels and what the inner strategy is given. One round, in order:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+    Strategy,
+)
 from flwr.supercore import log
 
 from boundary.records import from_record, to_record
@@ -49,6 +57,66 @@ from strategies.replies import (
 from strategies.state import RoundState
 from strategies.validation import ReplyLimits, bound_examples, bound_updates
 from strategies.wrapper import StrategyWrapper, load_strategy_state, strategy_state
+
+WEIGHTED_MEAN_STRATEGIES: tuple[type[FedAvg], ...] = (
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedAdam,
+    FedAdagrad,
+    FedYogi,
+)
+"""Inner strategies whose aggregate is the weighted mean of the replies' models (FedAvgM and
+the FedOpt family then take a server optimizer step from it, in ``FedAvg.aggregate_train``'s
+result). Exact types only: a subclass may aggregate otherwise."""
+
+
+def aggregates_weighted_mean(strategy: Strategy) -> TypeGuard[FedAvg]:
+    """Return whether ``strategy`` aggregates by the mean weighted by ``num-examples``."""
+    return (
+        type(strategy) in WEIGHTED_MEAN_STRATEGIES
+        and getattr(strategy, "weighted_by_key", None) == keys.NUM_EXAMPLES
+    )
+
+
+def _normal_metrics(read: TrainReply, common: Sequence[str]) -> MetricRecord:
+    """Return the one form of metrics the inner strategy sees: the weight, then ``common``."""
+    weight: int | float = read.num_examples if read.weight == read.num_examples else read.weight
+    normal = MetricRecord({keys.NUM_EXAMPLES: weight})
+    for key in common:
+        normal[key] = read.metrics[key]
+    return normal
+
+
+def _aggregate_mean(
+    strategy: FedAvg,
+    server_round: int,
+    accepted: Sequence[tuple[Message, TrainReply]],
+    weights: Mapping[str, np.ndarray],
+    normal: Sequence[MetricRecord],
+) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    """Aggregate with a weighted-mean strategy, without materialising any reply's model.
+
+    The example-weighted mean of the replies' models is the global model plus the weighted
+    sum of their updates, summed from each update's transmitted entries only. The inner
+    strategy aggregates one reply that holds that mean (a weighted mean of one model is that
+    model; FedAvgM's and FedOpt's server step then applies as usual); its metrics function
+    aggregates the metrics of all the replies.
+    """
+    total = sum(read.weight for _, read in accepted)
+    mean = {name: np.zeros(g.shape, dtype=np.float32) for name, g in weights.items()}
+    for _, read in accepted:
+        for name, update in read.update.items():
+            update.add_into(mean[name], read.weight / total)
+    for name, g in weights.items():
+        mean[name] += g
+    reply = accepted[0][0]
+    reply.content = RecordDict(
+        {keys.ARRAYS: to_record(mean), keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 1})}
+    )
+    arrays, _ = strategy.aggregate_train(server_round, [reply])
+    contents = [RecordDict({keys.METRICS: metrics}) for metrics in normal]
+    return arrays, strategy.train_metrics_aggr_fn(contents, strategy.weighted_by_key)
 
 
 class FedPrune(StrategyWrapper):
@@ -220,21 +288,21 @@ class FedPrune(StrategyWrapper):
             else []
         )
         common = sorted(common_metrics([read.metrics for read in reads]))
-        for reply, read in accepted:
-            weight: int | float = (
-                read.num_examples if read.weight == read.num_examples else read.weight
-            )
-            normal = MetricRecord({keys.NUM_EXAMPLES: weight})
-            for key in common:
-                normal[key] = read.metrics[key]
-            model = {name: g + read.update[name] for name, g in state.weights.items()}
-            reply.content = RecordDict({keys.ARRAYS: to_record(model), keys.METRICS: normal})
+        normal = [_normal_metrics(read, common) for read in reads]
         # Stateful inner strategies (FedAvgM's momentum, FedAdam's moments) update while they
         # aggregate: a skipped round must leave them as they were.
         before = strategy_state(self.strategy)
-        arrays, inner_metrics = self.strategy.aggregate_train(
-            server_round, [reply for reply, _ in accepted]
-        )
+        if aggregates_weighted_mean(self.strategy):
+            arrays, inner_metrics = _aggregate_mean(
+                self.strategy, server_round, accepted, state.weights, normal
+            )
+        else:
+            for (reply, read), metrics in zip(accepted, normal, strict=True):
+                model = to_record(read.model(state.weights))
+                reply.content = RecordDict({keys.ARRAYS: model, keys.METRICS: metrics})
+            arrays, inner_metrics = self.strategy.aggregate_train(
+                server_round, [reply for reply, _ in accepted]
+            )
         metrics = MetricRecord() if inner_metrics is None else inner_metrics
         if arrays is None:
             return None, self._metrics(metrics, reads, reasons)

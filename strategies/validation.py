@@ -23,8 +23,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from strategies.replies import TrainReply
 
 
@@ -101,8 +99,7 @@ def bound_updates(replies: Sequence[TrainReply], ratio: float, max_norm: float) 
     notes = []
     for reply, norm in zip(replies, norms, strict=True):
         if norm > bound:
-            factor = np.float32(bound / norm)
-            for name, u in reply.update.items():
-                reply.update[name] = u * factor
+            for u in reply.update.values():
+                u.scale(bound / norm)
             notes.append(f"node {reply.node}: update norm {norm:.4g} clipped to {bound:.4g}")
     return notes

@@ -26,6 +26,40 @@ def test_dense_selection_by_hand() -> None:
     np.testing.assert_array_equal(got, np.array([[95, 0, 0], [-127, 64, 0]], np.float32) * step)
 
 
+def test_sparse_decode_by_hand_holds_only_the_sent_entries() -> None:
+    payload = codec.encode({"w": X}, CodecConfig(quant="int8", topk=0.5))
+    ((name, got),) = codec.decode_sparse(payload).items()
+    step = np.float32(4.0) / np.float32(127)
+    assert name == "w" and got.shape == (2, 3)
+    np.testing.assert_array_equal(got.index, [0, 3, 4])
+    np.testing.assert_array_equal(got.values, np.array([95, -127, 64], np.float32) * step)
+    assert got.squared_norm() == pytest.approx(float(np.sum(got.values.astype(np.float64) ** 2)))
+    out = np.ones((2, 3), np.float32)
+    got.add_into(out, 0.5)
+    expected = np.ones((2, 3), np.float32)
+    expected.reshape(-1)[[0, 3, 4]] += np.float32(0.5) * got.values
+    np.testing.assert_array_equal(out, expected)
+    with pytest.raises(ValueError, match="cannot add"):
+        got.add_into(np.ones((3, 2), np.float32).T)  # right shape, not C-contiguous
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    x=hnp.arrays(np.float32, (6, 7), elements=st.floats(-100, 100, width=32)),
+    quant=st.sampled_from(["none", "int8", "int8-channel", "int4-channel", "ternary"]),
+    topk=st.sampled_from([0.05, 0.3, 1.0]),
+)
+def test_sparse_decode_equals_the_dense_decode(x: np.ndarray, quant: str, topk: float) -> None:
+    payload = codec.encode({"w": x, "b": x[0]}, CodecConfig(quant=quant, topk=topk))  # type: ignore[arg-type]
+    dense = codec.decode(payload)
+    for name, tensor in codec.decode_sparse(payload).items():
+        np.testing.assert_array_equal(tensor.dense(), dense[name])
+        sent = tensor.values.size if tensor.index is None else tensor.index.size
+        assert sent == (x.size if name == "w" else 7) if topk == 1.0 else sent < dense[name].size
+        if tensor.index is not None:
+            assert (np.diff(tensor.index) > 0).all()  # sorted, distinct
+
+
 def test_masked_selection_is_over_the_masked_entries_only() -> None:
     mask = np.array([[True, True, False], [True, True, False]])
     payload = codec.encode({"w": X}, CodecConfig(quant="int8", topk=0.5), masks={"w": mask})

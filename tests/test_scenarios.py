@@ -5,6 +5,7 @@ import io
 import math
 import tomllib
 from contextlib import redirect_stdout
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from simulations.report import (
     paired_interval,
     run_rows,
     t_quantile,
+    write_summary,
 )
 from simulations.scenarios import (
     ScenarioError,
@@ -208,6 +210,26 @@ def test_one_seed_has_no_spread_and_no_interval() -> None:
     assert row["final_accuracy_sd"] is None and row[f"{DIFF}_ci95_low"] is None
     assert row["bytes_to_target"] is None and row["target_reached"] == "0/1"
     assert "| row | 1 | 0.8000 | 0.8000 |" in markdown_table([row], baseline="base")
+
+
+def test_the_exported_models_cost_reaches_the_tables(tmp_path: Path) -> None:
+    shrunk = replace(
+        summary(0.8, 100),
+        params_compact=497_837,
+        macs_per_example=3_277_364,
+        latency_ms_per_example=0.30449,
+    )
+    base = Outcome("base", 0, summary(0.9, 1000), [0.8, 0.9], [500, 1000])
+    row = Outcome("row", 0, shrunk, [0.7, 0.8], [50, 100])
+    runs = run_rows([base, row], baseline="base", target_accuracy=0.95)
+    assert runs[1]["latency_ms_per_example"] == 0.304
+    table = write_summary(tmp_path, runs, baseline="base")
+    assert table.splitlines()[0].endswith(
+        "| params_compact | macs_per_example | latency_ms_per_example |"
+    )
+    assert table.splitlines()[-1].endswith("| 497837 | 3277364 | 0.304 |")
+    with (tmp_path / "runs.csv").open() as f:
+        assert list(csv.DictReader(f))[1]["latency_ms_per_example"] == "0.304"
 
 
 def test_a_seed_without_its_baseline_run_is_an_error() -> None:

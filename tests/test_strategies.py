@@ -5,7 +5,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
 from boundary.records import from_record, scalar, to_record
 from fedprune import codec, keys
@@ -15,7 +15,7 @@ from strategies.accounting import WireAccounting, message_wire_bytes, object_tre
 from strategies.downlink import Downlink
 from strategies.masking import DensitySchedule, MaskPolicy
 from strategies.state import RoundState
-from strategies.strategy import FedPrune
+from strategies.strategy import FedPrune, aggregates_weighted_mean
 from strategies.validation import ReplyLimits
 
 INT8 = codec.CodecConfig(quant="int8-channel")
@@ -98,6 +98,54 @@ def test_replies_are_decoded_and_reconstructed_before_averaging() -> None:
         got["b"], GLOBAL["b"] + [(0.5 + 3.0) / 4, (-0.5 + 6.0) / 4], atol=1e-2
     )
     assert metrics[keys.NUM_REJECTED] == 0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [FedAvg, lambda: FedAvgM(server_momentum=0.9), lambda: FedAdam(eta=0.1)],
+    ids=["fedavg", "fedavgm", "fedadam"],
+)
+def test_the_weighted_mean_path_equals_aggregating_every_model(
+    make: Callable[[], Strategy],
+) -> None:
+    """Summing sparse updates into one mean reply == the inner strategy averaging N models."""
+    fast = make()
+    general = type("Subclass", (type(fast),), {})()  # a subclass: every model goes to the inner
+    general.__dict__.update(make().__dict__)
+    assert aggregates_weighted_mean(fast) and not aggregates_weighted_mean(general)
+    update = codec.CodecConfig(quant="int8-channel", topk=0.5)
+    results = []
+    for inner in (fast, general):
+        wrapper = FedPrune(inner, codec_config=INT8, update_codec=update, limits=UNBOUNDED)
+        weights = GLOBAL
+        for server_round in (1, 2):  # FedAvgM and FedAdam carry state into round 2
+            sent = wrapper.configure_train(
+                server_round, to_record(weights), ConfigRecord(), StaticGrid([11, 12, 13])
+            )
+            replies = []
+            for i, message in enumerate(sorted(sent, key=lambda m: m.metadata.dst_node_id)):
+                seeded = np.random.default_rng(10 * server_round + i)
+                delta = {
+                    k: seeded.standard_normal(v.shape).astype(np.float32) for k, v in GLOBAL.items()
+                }
+                content = RecordDict(
+                    {
+                        keys.ARRAYS: to_record(codec.encode(delta, update)),
+                        keys.METRICS: MetricRecord(
+                            {keys.NUM_EXAMPLES: 10 * (i + 1), keys.TRAIN_LOSS: float(i)}
+                        ),
+                    }
+                )
+                replies.append(Message(content=content, reply_to=message))
+            arrays, metrics = wrapper.aggregate_train(server_round, replies)
+            assert arrays is not None and metrics is not None
+            weights = from_record(arrays)
+        results.append((weights, dict(metrics)))
+    (w_fast, m_fast), (w_general, m_general) = results
+    for name in GLOBAL:
+        np.testing.assert_allclose(w_fast[name], w_general[name], rtol=1e-5, atol=1e-6)
+    assert m_fast == pytest.approx(m_general)
+    assert m_fast[keys.TRAIN_LOSS] == pytest.approx((0 * 10 + 1 * 20 + 2 * 30) / 60)
 
 
 def test_a_malformed_reply_is_dropped_and_the_round_goes_on() -> None:

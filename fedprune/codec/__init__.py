@@ -55,13 +55,14 @@ only when that stream's serialized size shrinks.
 The package's modules: :mod:`~fedprune.codec.format` (keys, flags, :class:`CodecConfig`),
 :mod:`~fedprune.codec.quant` (quantization kernels), :mod:`~fedprune.codec.bits` (bit packing),
 :mod:`~fedprune.codec.entropy` (zlib stage), :mod:`~fedprune.codec.encode`,
-:mod:`~fedprune.codec.decode` and :mod:`~fedprune.codec.wire` (Flower wire size).
+:mod:`~fedprune.codec.decode`, :mod:`~fedprune.codec.sparse` (decoded entries without their
+zeros) and :mod:`~fedprune.codec.wire` (Flower wire size).
 """
 
 from fedprune.codec.bits import pack_mask, unpack_mask
 from fedprune.codec.breakdown import BREAKDOWN_KEYS, bits_breakdown
 from fedprune.codec.decode import _parse_layout as _parse_layout  # tests read the layout
-from fedprune.codec.decode import decode, payload_masks, residual
+from fedprune.codec.decode import decode, decode_sparse, payload_masks, residual
 from fedprune.codec.digest import weights_digest
 from fedprune.codec.encode import encode
 from fedprune.codec.format import (
@@ -101,6 +102,7 @@ from fedprune.codec.format import (
     ScaleFormat,
 )
 from fedprune.codec.quant import dequantize_int8, quantize_int8
+from fedprune.codec.sparse import SparseTensor
 from fedprune.codec.wire import wire_size
 
 __all__ = [
@@ -139,8 +141,10 @@ __all__ = [
     "QuantMode",
     "RoundingMode",
     "ScaleFormat",
+    "SparseTensor",
     "bits_breakdown",
     "decode",
+    "decode_sparse",
     "dequantize_int8",
     "encode",
     "pack_mask",

@@ -77,15 +77,6 @@ def _pack_bits_at(out: NDArray[np.uint8], bitpos: int, flat: NDArray[np.bool_]) 
     return bitpos + n
 
 
-def _unpack_bits_at(bits: NDArray[np.uint8], bitpos: int, count: int) -> NDArray[np.bool_]:
-    """Return ``count`` bits of ``bits`` from bit ``bitpos`` on as a fresh bool array."""
-    if count == 0:
-        return np.zeros(0, dtype=np.bool_)
-    byte, offset = divmod(bitpos, 8)
-    raw = np.unpackbits(bits[byte : (bitpos + count + 7) // 8], count=offset + count)
-    return raw[offset:].view(np.bool_)
-
-
 def _check_padding(label: str, bits: NDArray[np.uint8], n_bits: int) -> None:
     """Refuse set bits after the last of ``n_bits`` (a packed mask must unpack one way only)."""
     pad = -n_bits % 8

@@ -13,7 +13,6 @@ from fedprune.codec.bits import (
     _check_padding,
     _check_stream,
     _packed_codes_len,
-    _unpack_bits_at,
     _unpack_codes,
 )
 from fedprune.codec.container import is_blob, unpack_blob
@@ -65,6 +64,7 @@ from fedprune.codec.quant import (
     _row_counts,
 )
 from fedprune.codec.rice import rice_decode
+from fedprune.codec.sparse import SparseTensor
 
 
 @dataclass(frozen=True)
@@ -245,13 +245,14 @@ def _read_stream(
     return np.frombuffer(raw, dtype=dtype)
 
 
-def _read_bits(
+def _read_positions(
     payload: Mapping[str, np.ndarray], key: str, layout: _Layout
-) -> NDArray[np.uint8] | None:
-    """Validate a bit stream (``mask`` or ``select``) and return it bit-packed.
+) -> NDArray[np.int64] | None:
+    """Validate a bit stream (``mask`` or ``select``) and return the positions of its set bits.
 
-    ``None`` when the payload has none. A Rice-coded stream is decoded (into at most the
-    declared number of bits) and packed.
+    ``None`` when the payload has none. The positions are sorted flat indices into the
+    concatenation of the stream's segments; a Rice-coded stream is decoded straight into them
+    (at most the declared number of bits), a bitmap is unpacked once.
     """
     if key not in payload:
         return None
@@ -260,66 +261,68 @@ def _read_bits(
     else:
         n_bits, zlib_flag, rice_flag = layout.n_select, FLAG_SELECT_ZLIB, FLAG_SELECT_RICE
     if layout.flags & rice_flag:
-        flat = rice_decode(_label(key), payload[key], layout.position_counts(key))
-        return np.packbits(flat)
+        return rice_decode(_label(key), payload[key], layout.position_counts(key))
     compressed = bool(layout.flags & zlib_flag)
     bits = _read_stream(key, payload[key], np.dtype(np.uint8), (n_bits + 7) // 8, compressed)
     _check_padding(_label(key), bits, n_bits)
-    return bits
+    return np.flatnonzero(np.unpackbits(bits, count=n_bits))
 
 
-def _tensor_mask(
-    entry: _Entry, bits: NDArray[np.uint8] | None, masks: Mapping[str, np.ndarray] | None
-) -> NDArray[np.bool_]:
-    """Return the mask of a sparse tensor: from the payload if sent, else from ``masks``."""
+def _segment(positions: NDArray[np.int64], start: int, count: int) -> NDArray[np.int64]:
+    """Return the positions in ``[start, start + count)``, relative to ``start``."""
+    lo, hi = np.searchsorted(positions, (start, start + count))
+    return positions[lo:hi] - start
+
+
+def _mask_index(
+    entry: _Entry, bits: NDArray[np.int64] | None, masks: Mapping[str, np.ndarray] | None
+) -> NDArray[np.int64]:
+    """Return the kept flat indices of a sparse tensor: from the payload if sent, else ``masks``."""
     if entry.flags & FLAG_MASK_SENT:
         assert bits is not None  # the key set was checked
-        return _unpack_bits_at(bits, entry.bit_start, entry.size).reshape(entry.shape)
+        return _segment(bits, entry.bit_start, entry.size)
     if masks is None or entry.name not in masks:
         raise ValueError(
             f"tensor {entry.name!r} was encoded without its mask bits; "
             f"pass masks={{{entry.name!r}: ...}}"
         )
-    return _check_mask(entry.name, masks[entry.name], entry.shape)
+    return np.flatnonzero(_check_mask(entry.name, masks[entry.name], entry.shape))
 
 
 def _decode_entry(
     entry: _Entry,
     stream: np.ndarray,
     scales: NDArray[np.float32] | None,
-    bits: NDArray[np.uint8] | None,
+    bits: NDArray[np.int64] | None,
     masks: Mapping[str, np.ndarray] | None,
-    select: NDArray[np.uint8] | None = None,
-) -> NDArray[np.float32]:
+    select: NDArray[np.int64] | None = None,
+) -> SparseTensor:
     """Decode one tensor from its slices of the (validated) streams into fresh float32 memory."""
     data = stream[entry.value_start : entry.value_start + entry.n_values]
     flat_idx = _positions(entry, bits, masks, select)
     if scales is None:
-        if flat_idx is None:
-            # Copy: the result must not alias (possibly read-only) payload memory.
-            return data.astype(np.float32, copy=True).reshape(entry.shape)
-        out = np.zeros(entry.size, dtype=np.float32)
-        out[flat_idx] = data
-        return out.reshape(entry.shape)
-    if flat_idx is not None:
-        # Scatter in the int8 domain (pruned codes are 0, hence exactly 0.0 below).
-        dense = np.zeros(entry.size, dtype=np.int8)
-        dense[flat_idx] = data
-        data = dense
+        # Copy: the result must not alias (possibly read-only) payload memory.
+        return SparseTensor(entry.shape, flat_idx, data.astype(np.float32, copy=True))
     step = scales[entry.scale_start : entry.scale_start + entry.n_scales]
-    return _dequantize(data, step, entry.shape, entry.mode == _QUANT_CHANNEL)
+    channel = entry.mode == _QUANT_CHANNEL
+    if flat_idx is None:
+        return SparseTensor.from_dense(_dequantize(data, step, entry.shape, channel))
+    values = data.astype(np.float32)
+    if values.size:
+        values *= step[flat_idx // (entry.size // entry.shape[0])] if channel else step[0]
+    return SparseTensor(entry.shape, flat_idx, values)
 
 
 def _positions(
     entry: _Entry,
-    bits: NDArray[np.uint8] | None,
+    bits: NDArray[np.int64] | None,
     masks: Mapping[str, np.ndarray] | None,
-    select: NDArray[np.uint8] | None,
+    select: NDArray[np.int64] | None,
 ) -> NDArray[np.int64] | None:
     """Return the sorted flat indices of a tensor's transmitted entries (``None``: all)."""
     flat_idx: NDArray[np.int64] | None = None
     if entry.flags & FLAG_MASKED:
-        flat_idx = np.flatnonzero(_tensor_mask(entry, bits, masks))
+        flat_idx = _mask_index(entry, bits, masks)
     if entry.flags & FLAG_SELECTED:
         assert select is not None  # the key set was checked
         candidates = entry.size if flat_idx is None else flat_idx.size
@@ -328,7 +331,7 @@ def _positions(
                 f"tensor {entry.name!r}: selection over {entry.n_candidates} candidates but the "
                 f"mask keeps {candidates}"
             )
-        chosen = np.flatnonzero(_unpack_bits_at(select, entry.select_start, candidates))
+        chosen = _segment(select, entry.select_start, candidates)
         flat_idx = chosen if flat_idx is None else flat_idx[chosen]
     if flat_idx is not None and flat_idx.size != entry.n_values:
         raise ValueError(
@@ -373,6 +376,21 @@ def decode(
         ``-128``, a non-finite or non-positive scale, a corrupt zlib stream or trailing bytes, or
         a missing or wrongly shaped mask.
     """
+    decoded = decode_sparse(payload, masks=masks, shapes=shapes)
+    return {name: tensor.dense() for name, tensor in decoded.items()}
+
+
+def decode_sparse(
+    payload: Mapping[str, np.ndarray],
+    *,
+    masks: Mapping[str, np.ndarray] | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict[str, SparseTensor]:
+    """Decode a payload into its transmitted entries, one :class:`SparseTensor` per tensor.
+
+    The same checks and arguments as :func:`decode` (which is this followed by
+    :meth:`SparseTensor.dense`); the zeros of a pruned or top-k tensor are never allocated.
+    """
     payload = _open(payload)
     layout = _parse_layout(payload)
     if shapes is not None:
@@ -397,8 +415,8 @@ def decode(
         if stream.size and stream.min() < -QMAX:
             raise ValueError(f"{_label(KEY_CODES)} has the code -128")
         scales = _check_scales(_label(KEY_SCALE), payload[KEY_SCALE], layout.n_scales)
-    bits = _read_bits(payload, KEY_MASK, layout)
-    select = _read_bits(payload, KEY_SELECT, layout)
+    bits = _read_positions(payload, KEY_MASK, layout)
+    select = _read_positions(payload, KEY_SELECT, layout)
     return {
         entry.name: _decode_entry(entry, stream, scales, bits, masks, select)
         for entry in layout.entries
@@ -415,7 +433,7 @@ def _open(payload: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
 
 def _decode_lowbit(
     payload: Mapping[str, np.ndarray], layout: _Layout, masks: Mapping[str, np.ndarray] | None
-) -> dict[str, NDArray[np.float32]]:
+) -> dict[str, SparseTensor]:
     """Decode an int4 or ternary payload: positions first, then codes and per-row scales."""
     ternary = bool(layout.flags & FLAG_TERNARY)
     label = _label(KEY_CODES)
@@ -427,8 +445,8 @@ def _decode_lowbit(
         bool(layout.flags & FLAG_CODES_ZLIB),
     )
     codes = _unpack_codes(label, packed, layout.n_values, ternary=ternary)
-    bits = _read_bits(payload, KEY_MASK, layout)
-    select = _read_bits(payload, KEY_SELECT, layout)
+    bits = _read_positions(payload, KEY_MASK, layout)
+    select = _read_positions(payload, KEY_SELECT, layout)
     placed = []
     n_rows = 0
     for entry in layout.entries:
@@ -438,11 +456,12 @@ def _decode_lowbit(
         n_rows += int(np.count_nonzero(counts))
     fmt: ScaleFormat = "log8" if layout.flags & FLAG_SCALES_LOG8 else "float16"
     scales = _read_steps(_label(KEY_SCALE), payload[KEY_SCALE], n_rows, fmt)
-    out: dict[str, NDArray[np.float32]] = {}
+    out: dict[str, SparseTensor] = {}
     for entry, flat_idx, counts, start in placed:
         step = scales[start : start + int(np.count_nonzero(counts))]
         data = codes[entry.value_start : entry.value_start + entry.n_values]
-        out[entry.name] = _dequantize_lowbit(data, flat_idx, counts, step, entry.shape)
+        values = _dequantize_lowbit(data, counts, step)
+        out[entry.name] = SparseTensor(entry.shape, flat_idx, values)
     return out
 
 
@@ -466,12 +485,14 @@ def payload_masks(payload: Mapping[str, np.ndarray]) -> dict[str, NDArray[np.boo
     """
     payload = _open(payload)
     layout = _parse_layout(payload)
-    bits = _read_bits(payload, KEY_MASK, layout)
-    return {
-        entry.name: _tensor_mask(entry, bits, None)
-        for entry in layout.entries
-        if entry.flags & FLAG_MASK_SENT
-    }
+    bits = _read_positions(payload, KEY_MASK, layout)
+    masks: dict[str, NDArray[np.bool_]] = {}
+    for entry in layout.entries:
+        if entry.flags & FLAG_MASK_SENT:
+            mask = np.zeros(entry.size, dtype=np.bool_)
+            mask[_mask_index(entry, bits, None)] = True
+            masks[entry.name] = mask.reshape(entry.shape)
+    return masks
 
 
 def residual(

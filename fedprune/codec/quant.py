@@ -441,20 +441,15 @@ def _read_steps(label: str, scales: object, expected: int, fmt: ScaleFormat) -> 
 
 
 def _dequantize_lowbit(
-    codes: NDArray[np.int8],
-    flat_idx: NDArray[np.int64] | None,
-    counts: NDArray[np.int64],
-    steps: NDArray[np.float32],
-    shape: tuple[int, ...],
+    codes: NDArray[np.int8], counts: NDArray[np.int64], steps: NDArray[np.float32]
 ) -> NDArray[np.float32]:
-    """Return a fresh float32 tensor: ``code * step of its row`` at ``flat_idx``, else 0."""
+    """Return the transmitted entries as float32: ``code * step of its row``.
+
+    ``counts`` are the transmitted entries per row (rows without any have no step).
+    """
     values = codes.astype(np.float32)
     values *= np.repeat(steps, counts[counts > 0])
-    if flat_idx is None:
-        return values.reshape(shape)
-    out = np.zeros(math.prod(shape), dtype=np.float32)
-    out[flat_idx] = values
-    return out.reshape(shape)
+    return values
 
 
 def _check_scales16(label: str, scales: object, expected: int) -> NDArray[np.float16]:

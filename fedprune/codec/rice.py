@@ -104,8 +104,35 @@ def rice_encode(bits: NDArray[np.bool_], counts: list[tuple[int, int]]) -> NDArr
     return np.packbits(out)
 
 
-def rice_decode(label: str, stream: np.ndarray, counts: list[tuple[int, int]]) -> NDArray[np.bool_]:
-    """Inverse of :func:`rice_encode`: the concatenated segments as one flat bool array.
+def _remainders(stream: NDArray[np.uint8], k: NDArray[np.int64], n_rem: int) -> NDArray[np.int64]:
+    """Read every position's ``k``-bit remainder (MSB first, packed back to back from bit 0).
+
+    A remainder lies within the 4 bytes (8 when ``k > 25``) from the byte its first bit is
+    in: the big-endian word that starts at every byte of the stream is built once, then each
+    remainder is one gather and a shift, with no loop over bits or positions.
+    """
+    if not k.size:
+        return np.zeros(0, dtype=np.int64)
+    k_max = int(k.max())
+    if k_max > 57:
+        raise ValueError("Rice parameter above 57 (a segment of more than 2**57 entries)")
+    width, dtype = (4, np.uint32) if k_max <= 25 else (8, np.uint64)
+    n_bytes = (n_rem + 7) // 8
+    padded = np.concatenate((stream[:n_bytes], np.zeros(width, dtype=np.uint8)))
+    words = np.zeros(n_bytes + 1, dtype=dtype)
+    for i in range(width):
+        words |= padded[i : i + n_bytes + 1].astype(dtype) << dtype(8 * (width - 1 - i))
+    start = np.cumsum(k) - k
+    shift = (8 * width - (start & 7) - k).astype(dtype)
+    mask = (dtype(1) << k.astype(dtype)) - dtype(1)
+    return ((words[start >> 3] >> shift) & mask).astype(np.int64)
+
+
+def rice_decode(label: str, stream: np.ndarray, counts: list[tuple[int, int]]) -> NDArray[np.int64]:
+    """Inverse of :func:`rice_encode`: the set positions of the concatenated segments.
+
+    Returns the sorted flat positions (into the concatenation of all segments) of the set
+    bits, without building the bit array itself.
 
     Raises
     ------
@@ -129,12 +156,7 @@ def rice_decode(label: str, stream: np.ndarray, counts: list[tuple[int, int]]) -
     raw = np.unpackbits(stream).view(np.bool_)
     if raw.size < n_rem:
         raise ValueError(f"{label}: Rice stream ends inside its remainders")
-    rem_bits = raw[:n_rem]
-    rem_start = np.cumsum(k) - k
-    r = np.zeros(n_total, dtype=np.int64)
-    for j in range(int(k.max()) if k.size else 0):
-        has = k > j
-        r[has] = (r[has] << 1) | rem_bits[rem_start[has] + j]
+    r = _remainders(stream, k, n_rem)
     zeros = np.flatnonzero(~raw[n_rem:])
     if zeros.size < n_total:
         raise ValueError(f"{label}: Rice stream ends after {zeros.size} of {n_total} positions")
@@ -159,7 +181,5 @@ def rice_decode(label: str, stream: np.ndarray, counts: list[tuple[int, int]]) -
         last = first[nonempty] + n_seg[nonempty] - 1
         if (local[last] >= sizes[nonempty]).any():
             raise ValueError(f"{label}: a Rice-coded position lies past the end of its tensor")
-    out = np.zeros(int(sizes.sum()), dtype=np.bool_)
     seg_start = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
-    out[seg_start[seg] + local] = True
-    return out
+    return seg_start[seg] + local
