@@ -59,6 +59,14 @@ CODEC_ROWS: tuple[Row, ...] = (
     _row("tern-up0.05-down0.025-log8", "ternary", 0.05, 0.025, lowbit_scales="log8"),
     _row("tern-up0.04-down0.03-log8", "ternary", 0.04, 0.03, lowbit_scales="log8"),
     _row(
+        "int4-up0.03-terndown0.03-log8",
+        "int4-channel",
+        0.03,
+        0.03,
+        downlink_quant="ternary",
+        lowbit_scales="log8",
+    ),
+    _row(
         "tern-up0.04-down0.03-log8-m0.5",
         "ternary",
         0.04,
