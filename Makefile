@@ -69,10 +69,10 @@ deploy-demo: venv
 	$(BIN)/python -m simulations.deploy demo
 
 # The socket of a real deployment (TLS + SuperNode auth on loopback, each SuperNode through a
-# byte-counting relay): FedAvg float32 and int8-topk0.05-delta on Fashion-MNIST, 5 rounds, plus a
-# 60 s idle window. Minutes of CPU, so not part of `make bench`; its keys (socket_ratio_steady,
-# socket_overhead_per_node_round_bytes, fab_bytes, ...) are merged into results/bench/bench.json
-# and the table is written to docs/results/wire.md.
+# byte-counting relay): FedAvg float32, int8-topk0.05-delta and tern-topk0.05 on Fashion-MNIST,
+# 5 rounds each, plus a 60 s idle window. Minutes of CPU, so not part of `make bench`; its keys
+# (socket_ratio_steady, socket_overhead_per_node_round_bytes, fab_bytes, ...) are merged into
+# results/bench/bench.json and the table is written to docs/results/wire.md.
 .PHONY: wire-bench
 wire-bench: venv
 	$(BIN)/python -m simulations.bench_wire

@@ -23,6 +23,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from boundary.install import install_guard_mod
 from boundary.records import from_record, scalar, to_record
 from fedprune import codec, keys, task
 from fedprune.checkpoint import (
@@ -410,7 +411,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         A fixed configuration (in-process simulations). By default each message's
         ``context.run_config`` is parsed and validated, as under ``flwr run``.
     """
-    client_app = ClientApp()
+    client_app = ClientApp(mods=[install_guard_mod])  # this node's install is the server's
 
     def config_of(context: Context) -> RunConfig:
         return cfg if cfg is not None else RunConfig.from_mapping(context.run_config)

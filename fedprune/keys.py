@@ -43,6 +43,9 @@ REF_VERSION: Final = "ref-version"
 RESUMED_FROM: Final = "resumed-from"
 """The checkpointed round this run resumed from (0: a fresh run); a node restores its state as
 of that round from its own checkpoint directory."""
+INSTALL: Final = "fedprune-install"
+"""The ServerApp's installed fedprune, ``"<version> code <digest>"``; a node whose own differs
+fails (``boundary.install``). Sent until every connected node has replied once."""
 
 # -- Metric keys (client -> server, and the server's per-round record) -----------------------
 NUM_EXAMPLES: Final = "num-examples"

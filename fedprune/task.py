@@ -21,6 +21,7 @@ from fedprune.channels import ChannelPruning, channel_graph, channel_scores
 from fedprune.config import RunConfig
 from fedprune.data import DATASET_SHAPES, ClientDataset, client_data, load_dataset, partition
 from fedprune.distill import DistillPair, mutual_distillation_loss
+from fedprune.eager import eager_optimizers, eager_step
 from fedprune.models import build_model, get_weights, set_weights
 from fedprune.node_data import NodeData, load_node_file
 from fedprune.pruning import apply_mask, compute_mask, magnitude_scores, sensitivity_scores
@@ -162,7 +163,11 @@ class TrainResult:
 
 
 def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """Return the local optimizer named by the config, over ``params``."""
+    """Return the local optimizer named by the config, over ``params``.
+
+    Built without importing ``torch._dynamo`` (:func:`fedprune.eager.eager_optimizers`).
+    """
+    eager_optimizers()
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
@@ -285,7 +290,7 @@ def train(
             if private is not None:
                 private.step()
             else:
-                optimizer.step()
+                eager_step(optimizer)
                 if masks is not None:
                     apply_mask(model, masks)
             if len(y):

@@ -8,7 +8,8 @@ handshakes, TLS records, HTTP headers, protobuf framing, polling, heartbeats, th
 counted. The SuperLink runs with ``FLWR_LOG_LEVEL=DEBUG``, which makes it log every HTTP request
 with the client's port; the relay knows its upstream ports, so requests are attributed to nodes.
 
-What is measured, per run of each row (FedAvg float32 and the compressed rows):
+What is measured, per run of each row (FedAvg float32 and the compressed rows; any row of the
+scenario or of :data:`simulations.codec_sweep.CODEC_ROWS`):
 
 - per run: socket bytes up/down per node, from just before ``flwr run`` to its end (FAB download,
   polling while the ServerApp starts, every round), and ``rounds.csv``'s reported bytes;
@@ -46,15 +47,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from simulations.codec_sweep import rows_of
 from simulations.deploy import PROJECT_ROOT, Deployment, RunResult
 from simulations.deploy.relay import CountingRelay, Traffic
 from simulations.scenarios import available, load_scenario
 
-BEST_ROW: Final = "int8-topk0.05-delta"
-"""The best Fashion-MNIST row (ratio, accuracy), see ``docs/results/fashion-mnist-summary.md``."""
+BEST_ROW: Final = "tern-topk0.05"
+"""The best Fashion-MNIST row (ternary, top 5 % both ways, one Array per payload, seeded start),
+see ``docs/results/fashion-mnist-codec.md``; the headline keys are its figures."""
+PREVIOUS_ROW: Final = "int8-topk0.05-delta"
+"""The best row before the codec of issue 14 (int8, five Arrays, dense first round)."""
 FEDAVG: Final = "fedavg-fp32"
 """The reference row (stock FedAvg, float32 both ways) of every built-in scenario."""
-DEFAULT_ROWS: Final = (FEDAVG, BEST_ROW)
+DEFAULT_ROWS: Final = (FEDAVG, PREVIOUS_ROW, BEST_ROW)
 DEFAULT_MD: Final = PROJECT_ROOT / "docs" / "results" / "wire.md"
 DEFAULT_JSON: Final = PROJECT_ROOT / "results" / "bench" / "wire.json"
 HOUR_S: Final = 3600.0
@@ -122,9 +127,18 @@ def _window(relay: CountingRelay, requests: Sequence[Request], start: float, end
 def run_config(
     scenario: str, row: str, rounds: int, nodes: int
 ) -> dict[str, bool | int | float | str]:
-    """Run config of ``row`` of ``scenario`` for ``nodes`` SuperNodes, every node every round."""
+    """Run config of ``row`` of ``scenario`` for ``nodes`` SuperNodes, every node every round.
+
+    Raises
+    ------
+    ValueError
+        If ``row`` is neither a row of the scenario nor a codec row.
+    """
     sc = load_scenario(scenario)
-    config: dict[str, bool | int | float | str] = {**sc.base, **sc.row(row).changes}
+    rows = rows_of(sc)
+    if row not in rows:
+        raise ValueError(f"unknown row {row!r}; known: {sorted(rows)}")
+    config: dict[str, bool | int | float | str] = {**sc.base, **rows[row].changes}
     config["num-server-rounds"] = rounds
     config["prune-end-round"] = min(int(config.get("prune-end-round", 1)), rounds)
     config.update({"min-train-nodes": nodes, "fraction-train": 1.0, "fraction-evaluate": 0.0})
@@ -268,6 +282,8 @@ def wire_bench(
         raise ValueError(f"rows must start with {FEDAVG!r} (the reference), got {list(rows)}")
     if idle_s <= 0:
         raise ValueError(f"idle_s={idle_s} must be > 0")
+    for row in rows:
+        run_config(scenario, row, rounds, nodes)  # an unknown row fails before any deployment
     fab_bytes, fab_files = fab_size()
     with tempfile.TemporaryDirectory(prefix="fedprune-wire-") as tmp:
         work = Path(workdir) if workdir is not None else Path(tmp)
@@ -498,8 +514,39 @@ def markdown(report: Mapping[str, Any], command: str) -> str:
             )
             + " |"
         )
+    lines += _before_after(rows)
     lines.append("")
     return "\n".join(lines)
+
+
+def _before_after(rows: Mapping[str, Any]) -> list[str]:
+    """Lines comparing :data:`PREVIOUS_ROW` and :data:`BEST_ROW` when both ran (else none)."""
+    if PREVIOUS_ROW not in rows or BEST_ROW not in rows:
+        return []
+    ref, old, new = rows[FEDAVG], rows[PREVIOUS_ROW], rows[BEST_ROW]
+    figures = [
+        ("objects per message, up / down", "{objects_up_per_message:.0f} / "
+         "{objects_down_per_message:.0f}"),
+        ("message-driven requests per node-round", "{steady_message_requests_per_node_round:.0f}"),
+        ("message-driven overhead per node-round (B)", "{steady_overhead_per_node_round:,.0f}"),
+        ("new TLS connections per node-round", "{steady_connections_per_node_round:.0f}"),
+        ("reported per node-round (B)", "{steady_reported_per_node_round:,.0f}"),
+        ("socket per node-round (B)", "{steady_socket_per_node_round:,.0f}"),
+    ]  # fmt: skip
+    lines = [
+        "",
+        f"Before ({PREVIOUS_ROW}: five Arrays per payload) and after ({BEST_ROW}: one Array, "
+        "ternary values, seeded start), steady round, per node:",
+        "",
+        f"| figure | {PREVIOUS_ROW} | {BEST_ROW} |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {fmt.format(**old)} | {fmt.format(**new)} |" for name, fmt in figures]
+    for name, key in (("steady", "steady_socket_per_round"), ("run", "run_socket_total")):
+        lines.append(
+            f"| socket ratio, {name} | {ref[key] / old[key]:.1f}x | {ref[key] / new[key]:.1f}x |"
+        )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -33,6 +33,8 @@ class ClientMemory:
     dataset: str
     model: str
     threads: int
+    local_steps: int
+    """The run config's ``local-steps`` (0: the round is one whole local epoch)."""
     num_examples: int
     data: str
     """``"file"`` (the node's data file, ``data-path``) or ``"partition"`` (in memory)."""
@@ -76,6 +78,7 @@ def measure_client_memory(
     num_partitions: int = 2,
     data_path: str | os.PathLike[str] | None = None,
     downlink: str | os.PathLike[str] | None = None,
+    local_steps: int = 0,
     timeout_s: float = 1800.0,
 ) -> ClientMemory:
     """Measure one client round in a fresh process (see the module docstring).
@@ -93,6 +96,8 @@ def measure_client_memory(
     downlink : str or os.PathLike, optional
         The round-1 message written by :func:`write_downlink`; default: written first, by
         another process of this interpreter (the server's imports stay out of the client's).
+    local_steps : int
+        The run config's ``local-steps`` (0: one whole local epoch).
     timeout_s : float
         Limit for each child process.
 
@@ -130,6 +135,8 @@ def measure_client_memory(
             str(num_partitions),
             "--downlink",
             str(downlink),
+            "--local-steps",
+            str(local_steps),
         ]
         if data_path is not None:
             argv += ["--data-path", str(data_path)]
@@ -218,6 +225,7 @@ def _child(
     num_partitions: int,
     downlink: str,
     data_path: str | None,
+    local_steps: int = 0,
 ) -> None:
     """Run one client round in this process and print the measurement (``--child``)."""
     # The imports are part of what is measured: those of a flwr-clientapp running our app.
@@ -241,7 +249,9 @@ def _child(
     proto = ProtoMessage()
     proto.ParseFromString(Path(downlink).read_bytes())
     message = message_from_proto(proto)
-    cfg = RunConfig.from_mapping({"dataset": dataset, "model": model, "num-server-rounds": 1})
+    cfg = RunConfig.from_mapping(
+        {"dataset": dataset, "model": model, "num-server-rounds": 1, "local-steps": local_steps}
+    )
     node_config: dict[str, int | str] = (
         {keys.DATA_PATH: data_path}
         if data_path is not None
@@ -264,6 +274,7 @@ def _child(
         dataset=dataset,
         model=model,
         threads=threads,
+        local_steps=local_steps,
         num_examples=num_examples,
         data="partition" if data_path is None else "file",
         imports_mb=round(imports_mb, 1),
@@ -285,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-partitions", type=int, default=2)
     parser.add_argument("--data-path", help="the node's data file (default: partition in memory)")
     parser.add_argument("--downlink", help="round-1 message from --write-downlink")
+    parser.add_argument(
+        "--local-steps", type=int, default=0, help="run config local-steps (0: one epoch)"
+    )
     parser.add_argument("--write-downlink", metavar="FILE", help="only write the message")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -303,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.num_partitions,
             args.downlink,
             args.data_path,
+            args.local_steps,
         )
         return 0
     measured = measure_client_memory(
@@ -313,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_partitions=args.num_partitions,
         data_path=args.data_path,
         downlink=args.downlink,
+        local_steps=args.local_steps,
     )
     for name, value in asdict(measured).items():
         print(f"{name}\t{value}")

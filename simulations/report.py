@@ -241,15 +241,7 @@ def _csv_cell(column: str, value: Cell) -> str:
 def markdown_table(rows: Sequence[dict[str, Cell]], *, baseline: str) -> str:
     """Render aggregated rows as a Markdown table: ``mean ± sd`` per metric (mean for one seed)."""
     shown = ("final_accuracy", "best_accuracy", "bytes_up", "bytes_total", "ratio_vs_fedavg")
-    later = (
-        "epsilon",
-        "wall_s",
-        "density",
-        "model_bytes_compact",
-        "params_compact",
-        "macs_per_example",
-        "latency_ms_per_example",
-    )
+    later = RUN_COLUMNS[RUN_COLUMNS.index("epsilon") :]
     header = [
         "strategy",
         "seeds",

@@ -69,6 +69,10 @@ class TrainReply:
     """The decoded mask vote (bool masks or float32 scores), if the round asked for one."""
     bits: dict[str, float] | None = None
     """Bits per parameter of the encoded update, by payload part (compressed runs)."""
+    sent_model: dict[str, np.ndarray] | None = None
+    """The client's float32 model exactly as sent (plain replies), so that aggregating it is
+    bit-identical to stock Flower; ``None`` for an encoded delta, or once a bound scaled the
+    update (``weights + update`` is then the model)."""
     weight: float = field(init=False)
     """The example weight the aggregation uses (``num_examples`` unless bounded)."""
 
@@ -77,6 +81,8 @@ class TrainReply:
 
     def model(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Return the client's model: ``weights`` (the round's global model) plus the update."""
+        if self.sent_model is not None:
+            return {name: self.sent_model[name].copy() for name in weights}
         model = {}
         for name, g in weights.items():
             model[name] = np.array(g, dtype=np.float32, order="C", copy=True)
@@ -231,12 +237,13 @@ def read_train_reply(
     content = reply.content
     num_examples, metrics = _read_metrics(content, state.server_round, max_num_examples)
     arrays = read_record(content[keys.ARRAYS], max_bytes=state.max_reply_bytes)
-    bits = None
+    bits = sent_model = None
     if compressed:
         update = codec.decode_sparse(arrays, masks=state.mask, shapes=state.shapes)
         bits = codec.bits_breakdown(arrays)
     else:
         update = _plain_update(arrays, state.weights)
+        sent_model = arrays
     vote = None
     if state.vote_kind != "none":
         raw = read_record(content[state.vote_record], max_bytes=state.max_reply_bytes)
@@ -244,7 +251,9 @@ def read_train_reply(
             vote = state.channels.read_vote(raw, state.vote_rule, state.density)  # type: ignore[arg-type]
         else:
             vote = decode_vote(raw, state)
-    return TrainReply(reply.metadata.src_node_id, num_examples, update, metrics, vote, bits)
+    return TrainReply(
+        reply.metadata.src_node_id, num_examples, update, metrics, vote, bits, sent_model
+    )
 
 
 def _plain_update(

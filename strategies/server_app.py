@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from boundary.install import InstallGuard
 from boundary.records import from_record, scalar, to_record
 from fedprune import codec, keys, task
 from fedprune.channels import channel_mask_of, shrink
@@ -105,20 +106,29 @@ def run(
     clients = [c for c in read_clients(directory) if c.round <= done]
     metrics_log = MetricsLog(cfg)
     strategy = built.strategy
+    guard = InstallGuard()  # every node must run this install: see boundary.install
     _wait_for_nodes(grid, cfg.min_train_nodes)
     for server_round in range(done + 1, cfg.num_server_rounds + 1):
         log(INFO, "[ROUND %s/%s]", server_round, cfg.num_server_rounds)
-        train_config = ConfigRecord({keys.RESUMED_FROM: done})
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, train_config, grid), timeout=TIMEOUT_S
+        train_config = guard.stamp(ConfigRecord({keys.RESUMED_FROM: done}), grid.get_node_ids())
+        replies = list(
+            grid.send_and_receive(
+                strategy.configure_train(server_round, arrays, train_config, grid),
+                timeout=TIMEOUT_S,
+            )
         )
+        guard.confirm(replies)
         aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:  # None: the round was skipped, the model stays
             arrays = aggregated
-        replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-            timeout=TIMEOUT_S,
+        eval_config = guard.stamp(ConfigRecord(), grid.get_node_ids())
+        replies = list(
+            grid.send_and_receive(
+                strategy.configure_evaluate(server_round, arrays, eval_config, grid),
+                timeout=TIMEOUT_S,
+            )
         )
+        guard.confirm(replies)
         federated = strategy.aggregate_evaluate(server_round, replies)
         if federated is not None:
             log(INFO, "round %d: federated evaluation %s", server_round, federated)

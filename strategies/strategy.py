@@ -71,6 +71,10 @@ the FedOpt family then take a server optimizer step from it, in ``FedAvg.aggrega
 result). Exact types only: a subclass may aggregate otherwise."""
 
 
+STATELESS_MEAN_STRATEGIES: tuple[type[FedAvg], ...] = (FedAvg, FedProx)
+"""Those whose aggregate is the weighted mean itself (no server state, no server step)."""
+
+
 def aggregates_weighted_mean(strategy: Strategy) -> TypeGuard[FedAvg]:
     """Return whether ``strategy`` aggregates by the mean weighted by ``num-examples``."""
     return (
@@ -94,29 +98,43 @@ def _aggregate_mean(
     accepted: Sequence[tuple[Message, TrainReply]],
     weights: Mapping[str, np.ndarray],
     normal: Sequence[MetricRecord],
-) -> tuple[ArrayRecord | None, MetricRecord | None]:
+) -> tuple[dict[str, np.ndarray] | None, MetricRecord]:
     """Aggregate with a weighted-mean strategy, without materialising any reply's model.
 
     The example-weighted mean of the replies' models is the global model plus the weighted
-    sum of their updates, summed from each update's transmitted entries only. The inner
-    strategy aggregates one reply that holds that mean (a weighted mean of one model is that
-    model; FedAvgM's and FedOpt's server step then applies as usual); its metrics function
-    aggregates the metrics of all the replies.
+    sum of their updates, summed from each update's transmitted entries only. That mean *is*
+    FedAvg's (and FedProx's) aggregate; a strategy that steps from it (FedAvgM, the FedOpt
+    family) aggregates one reply holding it (the weighted mean of one model is that model),
+    so its server optimizer applies as usual. The strategy's own metrics function aggregates
+    the metrics of all the replies.
     """
     total = sum(read.weight for _, read in accepted)
-    mean = {name: np.zeros(g.shape, dtype=np.float32) for name, g in weights.items()}
-    for _, read in accepted:
-        for name, update in read.update.items():
-            update.add_into(mean[name], read.weight / total)
-    for name, g in weights.items():
-        mean[name] += g
+    mean: dict[str, np.ndarray]
+    if all(read.sent_model is not None for _, read in accepted):
+        # Plain float32 models: Flower's own sum (aggregate_arrayrecords), bit for bit.
+        mean = {}
+        for _, read in accepted:
+            assert read.sent_model is not None
+            for name in weights:
+                term = read.sent_model[name] * (read.weight / total)
+                mean[name] = term if name not in mean else np.add(mean[name], term, out=mean[name])
+    else:
+        mean = {name: np.zeros(g.shape, dtype=np.float32) for name, g in weights.items()}
+        for _, read in accepted:
+            for name, update in read.update.items():
+                update.add_into(mean[name], read.weight / total)
+        for name, g in weights.items():
+            mean[name] += g
+    contents = [RecordDict({keys.METRICS: metrics}) for metrics in normal]
+    metrics = strategy.train_metrics_aggr_fn(contents, strategy.weighted_by_key)
+    if type(strategy) in STATELESS_MEAN_STRATEGIES:
+        return mean, metrics
     reply = accepted[0][0]
     reply.content = RecordDict(
         {keys.ARRAYS: to_record(mean), keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 1})}
     )
     arrays, _ = strategy.aggregate_train(server_round, [reply])
-    contents = [RecordDict({keys.METRICS: metrics}) for metrics in normal]
-    return arrays, strategy.train_metrics_aggr_fn(contents, strategy.weighted_by_key)
+    return (None if arrays is None else from_record(arrays)), metrics
 
 
 class FedPrune(StrategyWrapper):
@@ -292,8 +310,10 @@ class FedPrune(StrategyWrapper):
         # Stateful inner strategies (FedAvgM's momentum, FedAdam's moments) update while they
         # aggregate: a skipped round must leave them as they were.
         before = strategy_state(self.strategy)
+        aggregated: dict[str, np.ndarray] | None
+        inner_metrics: MetricRecord | None
         if aggregates_weighted_mean(self.strategy):
-            arrays, inner_metrics = _aggregate_mean(
+            aggregated, inner_metrics = _aggregate_mean(
                 self.strategy, server_round, accepted, state.weights, normal
             )
         else:
@@ -303,10 +323,10 @@ class FedPrune(StrategyWrapper):
             arrays, inner_metrics = self.strategy.aggregate_train(
                 server_round, [reply for reply, _ in accepted]
             )
+            aggregated = None if arrays is None else from_record(arrays)
         metrics = MetricRecord() if inner_metrics is None else inner_metrics
-        if arrays is None:
+        if aggregated is None:
             return None, self._metrics(metrics, reads, reasons)
-        aggregated = from_record(arrays)
         if not all(np.isfinite(a).all() for a in aggregated.values()):
             log(WARNING, "round %d skipped: the aggregate is not finite", server_round)
             load_strategy_state(self.strategy, before)
@@ -316,8 +336,8 @@ class FedPrune(StrategyWrapper):
                 self.masking.update(
                     server_round, votes, [read.weight for read in reads], state.density
                 )
-            arrays = to_record(self.masking.enforce(aggregated))
-        return arrays, self._metrics(metrics, reads, reasons)
+            aggregated = self.masking.enforce(aggregated)
+        return to_record(aggregated), self._metrics(metrics, reads, reasons)
 
     def _metrics(
         self, metrics: MetricRecord, reads: list[TrainReply], reasons: list[str]

@@ -101,5 +101,6 @@ def bound_updates(replies: Sequence[TrainReply], ratio: float, max_norm: float) 
         if norm > bound:
             for u in reply.update.values():
                 u.scale(bound / norm)
+            reply.sent_model = None  # the model is now the global one plus the scaled update
             notes.append(f"node {reply.node}: update norm {norm:.4g} clipped to {bound:.4g}")
     return notes

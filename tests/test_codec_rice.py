@@ -26,6 +26,18 @@ def test_rice_by_hand() -> None:
     np.testing.assert_array_equal(rice_decode("s", stream, [(2, 8)]), [2, 7])
 
 
+def test_rice_remainders_wider_than_25_bits() -> None:
+    """k = 26 takes the reader's 8-byte word path; the remainder is 26 non-trivial bits."""
+    big = (1 << 26) + 1
+    assert rice_k(1, big) == 26
+    counts = [(0, 7), (1, big), (1, 5)]
+    at = [7 + (1 << 26) - 12345, 7 + big + 4]
+    bits = np.zeros(7 + big + 5, dtype=bool)
+    bits[at] = True
+    stream = rice_encode(bits, counts)
+    np.testing.assert_array_equal(rice_decode("s", stream, counts), at)
+
+
 def test_rice_k_by_hand() -> None:
     assert [rice_k(n, 100) for n in (0, 1, 5, 20, 34, 50, 99, 100)] == [0, 6, 4, 2, 0, 0, 0, 0]
 

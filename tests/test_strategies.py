@@ -140,12 +140,50 @@ def test_the_weighted_mean_path_equals_aggregating_every_model(
             arrays, metrics = wrapper.aggregate_train(server_round, replies)
             assert arrays is not None and metrics is not None
             weights = from_record(arrays)
-        results.append((weights, dict(metrics)))
+            aggregated_metrics = dict(metrics)
+        results.append((weights, aggregated_metrics))
     (w_fast, m_fast), (w_general, m_general) = results
     for name in GLOBAL:
         np.testing.assert_allclose(w_fast[name], w_general[name], rtol=1e-5, atol=1e-6)
     assert m_fast == pytest.approx(m_general)
     assert m_fast[keys.TRAIN_LOSS] == pytest.approx((0 * 10 + 1 * 20 + 2 * 30) / 60)
+
+
+def test_the_float32_baseline_is_stock_fedavg_bit_for_bit() -> None:
+    """Without a codec, FedPrune(FedAvg) aggregates the models exactly as Flower's FedAvg."""
+    wrapper = FedPrune(FedAvg(), limits=UNBOUNDED)
+    sent = sorted(
+        wrapper.configure_train(1, to_record(GLOBAL), ConfigRecord(), StaticGrid([11, 12, 13])),
+        key=lambda m: m.metadata.dst_node_id,
+    )
+    rng = np.random.default_rng(3)
+    models = [
+        {
+            k: (v + rng.standard_normal(v.shape) * 10.0 ** rng.integers(-8, 2)).astype(np.float32)
+            for k, v in GLOBAL.items()
+        }
+        for _ in sent
+    ]
+
+    def replies() -> list[Message]:
+        return [
+            Message(
+                content=RecordDict(
+                    {
+                        keys.ARRAYS: to_record(model),
+                        keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 7 * (i + 1)}),
+                    }
+                ),
+                reply_to=message,
+            )
+            for i, (model, message) in enumerate(zip(models, sent, strict=True))
+        ]
+
+    ours, _ = wrapper.aggregate_train(1, replies())
+    stock, _ = FedAvg().aggregate_train(1, replies())
+    assert ours is not None and stock is not None
+    for name, array in from_record(stock).items():
+        np.testing.assert_array_equal(from_record(ours)[name], array)
 
 
 def test_a_malformed_reply_is_dropped_and_the_round_goes_on() -> None:

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from simulations.bench_wire import FEDAVG, fab_size, read_requests, wire_bench
+from simulations.bench_wire import (
+    BEST_ROW,
+    FEDAVG,
+    fab_size,
+    read_requests,
+    run_config,
+    wire_bench,
+)
 from simulations.deploy.relay import CountingRelay
 
 
@@ -95,6 +102,16 @@ def test_bench_rejects_bad_settings() -> None:
         wire_bench(rounds=2)
     with pytest.raises(ValueError, match="rows must start"):
         wire_bench(rows=["int8-topk0.05-delta"])
+    with pytest.raises(ValueError, match="unknown row 'no-such-row'"):
+        wire_bench(rows=[FEDAVG, "no-such-row"])
+
+
+def test_codec_rows_run_with_their_codec_and_every_node_every_round() -> None:
+    config = run_config("fashion-mnist", BEST_ROW, rounds=5, nodes=2)
+    assert config["quant"] == "ternary" and config["update-topk"] == 0.05
+    assert config["container"] == "blob" and config["seeded-start"] is True
+    assert config["num-server-rounds"] == 5 and config["min-train-nodes"] == 2
+    assert config["fraction-train"] == 1.0 and config["fraction-evaluate"] == 0.0
 
 
 @pytest.mark.slow

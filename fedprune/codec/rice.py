@@ -116,16 +116,19 @@ def _remainders(stream: NDArray[np.uint8], k: NDArray[np.int64], n_rem: int) -> 
     k_max = int(k.max())
     if k_max > 57:
         raise ValueError("Rice parameter above 57 (a segment of more than 2**57 entries)")
-    width, dtype = (4, np.uint32) if k_max <= 25 else (8, np.uint64)
+    width = 4 if k_max <= 25 else 8
     n_bytes = (n_rem + 7) // 8
     padded = np.concatenate((stream[:n_bytes], np.zeros(width, dtype=np.uint8)))
-    words = np.zeros(n_bytes + 1, dtype=dtype)
+    words = np.zeros(n_bytes + 1, dtype=np.int64)
     for i in range(width):
-        words |= padded[i : i + n_bytes + 1].astype(dtype) << dtype(8 * (width - 1 - i))
+        byte = padded[i : i + n_bytes + 1].astype(np.int64)
+        words = np.bitwise_or(words, np.left_shift(byte, 8 * (width - 1 - i)))
     start = np.cumsum(k) - k
-    shift = (8 * width - (start & 7) - k).astype(dtype)
-    mask = (dtype(1) << k.astype(dtype)) - dtype(1)
-    return ((words[start >> 3] >> shift) & mask).astype(np.int64)
+    shift = 8 * width - (start & 7) - k
+    # int64 words hold 8 bytes with the top bit possibly set: shift as unsigned.
+    picked = np.right_shift(words[start >> 3].view(np.uint64), shift.astype(np.uint64))
+    mask = np.left_shift(np.ones_like(k), k) - 1
+    return np.bitwise_and(picked.view(np.int64), mask)
 
 
 def rice_decode(label: str, stream: np.ndarray, counts: list[tuple[int, int]]) -> NDArray[np.int64]:
