@@ -21,7 +21,7 @@ from fedprune.catalog import (
     ModelName,
     PartitionScheme,
 )
-from fedprune.codec import CodecConfig, Container, QuantMode
+from fedprune.codec import CodecConfig, Container, QuantMode, ScaleFormat
 from fedprune.masks import ReconcileRule
 
 StrategyName = Literal["fedavg", "compressed"]
@@ -34,6 +34,9 @@ PruneGranularity = Literal["element", "channel"]
 ChannelNormName = Literal["l1", "l2"]
 DownlinkQuant = Literal["same", "none", "int8", "int8-channel", "int4-channel", "ternary"]
 
+
+_LOWBIT = frozenset({"int4-channel", "ternary"})
+"""The quant modes with per-row float16 or log8 step sizes."""
 
 RESUMABLE_KEYS = frozenset({"resume", "num-server-rounds", "log-tensorboard", "log-mlflow"})
 """Config keys a resumed run may change: the flag itself, the rounds (to extend a run), and
@@ -114,6 +117,9 @@ class RunConfig:
     downlink_topk: float = 0.0
     container: Container = "arrays"
     seeded_start: bool = False
+    # Step sizes of the low-bit modes (int4-channel, ternary), both directions: float16, or a
+    # byte per row on a log scale ("log8", half the bytes).
+    lowbit_scales: ScaleFormat = "float16"
     # Differential privacy (client-side DP-SGD with Opacus)
     dp: bool = False
     noise_multiplier: float = 0.0
@@ -228,6 +234,12 @@ class RunConfig:
         _check(0.0 < self.vote_threshold <= 1.0, "vote-threshold", "must be in (0, 1]")
         _check(0.0 < self.update_topk <= 1.0, "update-topk", "must be in (0, 1]")
         _check(0.0 <= self.downlink_topk <= 1.0, "downlink-topk", "must be in [0, 1] (0: same)")
+        _check(
+            self.lowbit_scales == "float16"
+            or bool(_LOWBIT.intersection((self.quant, self._downlink_quant()))),
+            "lowbit-scales",
+            "'log8' needs quant or downlink-quant 'int4-channel' or 'ternary'",
+        )
         if self.strategy == "fedavg":
             _check(
                 self.target_density == 1.0,
@@ -322,7 +334,11 @@ class RunConfig:
     def update_codec(self) -> CodecConfig:
         """Return the codec of uplink updates (deltas): top-k sparsified."""
         return CodecConfig(
-            quant=self.quant, entropy=self.entropy, topk=self.update_topk, container=self.container
+            quant=self.quant,
+            entropy=self.entropy,
+            topk=self.update_topk,
+            container=self.container,
+            scales=self._scales(self.quant),
         )
 
     def downlink_update_codec(self) -> CodecConfig:
@@ -332,10 +348,14 @@ class RunConfig:
             entropy=self.entropy,
             topk=self.downlink_topk or self.update_topk,
             container=self.container,
+            scales=self._scales(self._downlink_quant()),
         )
 
     def _downlink_quant(self) -> QuantMode:
         return self.quant if self.downlink_quant == "same" else self.downlink_quant
+
+    def _scales(self, quant: QuantMode) -> ScaleFormat:
+        return self.lowbit_scales if quant in _LOWBIT else "float16"
 
     @property
     def compressed(self) -> bool:

@@ -49,6 +49,45 @@ CODEC_ROWS: tuple[Row, ...] = (
     _row("tern-topk0.02", "ternary", 0.02),
     _row("tern-topk0.03-downint8", "ternary", 0.03, downlink_quant="int8-channel"),
     _row("tern-up0.02-down0.04", "ternary", 0.02, 0.04),
+    _row("tern-up0.05-down0.03", "ternary", 0.05, 0.03),
+    _row("tern-up0.03-down0.05", "ternary", 0.03, 0.05),
+    _row("tern-topk0.05-log8", "ternary", 0.05, lowbit_scales="log8"),
+    _row("tern-topk0.04-log8", "ternary", 0.04, lowbit_scales="log8"),
+    _row("tern-up0.05-down0.03-log8", "ternary", 0.05, 0.03, lowbit_scales="log8"),
+    _row("tern-up0.03-down0.05-log8", "ternary", 0.03, 0.05, lowbit_scales="log8"),
+    _row("tern-up0.05-down0.02-log8", "ternary", 0.05, 0.02, lowbit_scales="log8"),
+    _row("tern-up0.05-down0.025-log8", "ternary", 0.05, 0.025, lowbit_scales="log8"),
+    _row("tern-up0.04-down0.03-log8", "ternary", 0.04, 0.03, lowbit_scales="log8"),
+    _row(
+        "int4-up0.03-terndown0.03-log8",
+        "int4-channel",
+        0.03,
+        0.03,
+        downlink_quant="ternary",
+        lowbit_scales="log8",
+    ),
+    _row(
+        "tern-up0.04-down0.03-log8-m0.5",
+        "ternary",
+        0.04,
+        0.03,
+        lowbit_scales="log8",
+        inner_strategy="fedavgm",
+        server_momentum=0.5,
+    ),
+    # The float32 row of that server optimizer (FedAvgM, momentum 0.5): dense float32 values
+    # both ways through the codec, like stock FedAvg's.
+    Row(
+        "fedavgm0.5-fp32",
+        {
+            "quant": "none",
+            "target-density": 1.0,
+            "entropy": False,
+            "error-feedback": False,
+            "inner-strategy": "fedavgm",
+            "server-momentum": 0.5,
+        },
+    ),
 )
 """Candidate rows (issue 14): every new row sends one Array per payload and starts seeded."""
 

@@ -205,20 +205,25 @@ finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
     st.sampled_from([1.0, 0.5, 0.1]),
     st.booleans(),
     st.booleans(),
+    st.sampled_from(["float16", "log8"]),
 )
 def test_lowbit_round_trip(
-    w: np.ndarray, quant: str, topk: float, entropy: bool, blob: bool
+    w: np.ndarray, quant: str, topk: float, entropy: bool, blob: bool, scales: str
 ) -> None:
     config = CodecConfig(
         quant=quant,  # type: ignore[arg-type]
         topk=topk,
         entropy=entropy,
         container="blob" if blob else "arrays",
+        scales=scales,  # type: ignore[arg-type]
     )
     tensors = {"w": w, "b": w[0].copy()}
     payload = codec.encode(tensors, config)
     got = codec.decode(payload)
     assert codec.wire_size(payload) > 0
+    if scales == "log8":
+        _check_log8_round_trip(tensors, got, quant, topk)
+        return
     for name, x in tensors.items():
         sent = _select_topk(name, x, None, topk).reshape(x.shape)
         assert not (got[name][~sent]).any()  # nothing outside the selection
@@ -239,6 +244,119 @@ def test_lowbit_round_trip(
                 nonzero = d != 0  # a magnitude below float16's range decodes to 0
                 nonzero &= v != 0  # a sign code sends 0 as +magnitude
                 assert (np.sign(d[nonzero]) == np.sign(v[nonzero])).all()
+
+
+_LOG8_REL = 2 ** (1 / (2 * codec.LOG8_STEPS)) - 1
+"""Largest relative error of a log8 step within the scale's range (half a code)."""
+
+
+def _row_steps(x: np.ndarray, sent: np.ndarray, quant: str) -> list[tuple[int, float]]:
+    """``(row, float32 step before rounding)`` of every row of ``x`` with a sent entry."""
+    rows = x.reshape(x.shape[0] if x.ndim == 2 else 1, -1)
+    chosen = sent.reshape(rows.shape)
+    out = []
+    for r in range(rows.shape[0]):
+        if chosen[r].any():
+            v = np.abs(rows[r][chosen[r]])
+            out.append((r, float(v.max() / 7 if quant == "int4-channel" else v.mean())))
+    return out
+
+
+def _check_log8_round_trip(
+    tensors: dict[str, np.ndarray], got: dict[str, np.ndarray], quant: str, topk: float
+) -> None:
+    """Every decoded row is ``code * step`` with the step within half a log8 code of its own."""
+    steps = {
+        name: _row_steps(x, _select_topk(name, x, None, topk), quant) for name, x in tensors.items()
+    }
+    ref = max((s for rows in steps.values() for _, s in rows), default=0.0)
+    smallest = ref * 2 ** (-(codec.LOG8_ZERO - 1) / codec.LOG8_STEPS)
+    for name, x in tensors.items():
+        sent = _select_topk(name, x, None, topk).reshape(x.shape)
+        assert not (got[name][~sent]).any()
+        rows = x.reshape(x.shape[0] if x.ndim == 2 else 1, -1)
+        out = got[name].reshape(rows.shape)
+        chosen = sent.reshape(rows.shape)
+        for r, step in steps[name]:
+            d, v = out[r][chosen[r]], rows[r][chosen[r]]
+            if step < smallest * 1.01:  # below the log scale's range: 0 or its smallest step
+                assert np.abs(d).max() <= 7 * smallest * (1 + _LOG8_REL) + 1e-30
+                continue
+            if quant == "ternary":
+                np.testing.assert_allclose(np.abs(d), step, rtol=_LOG8_REL + 1e-5)
+                nonzero = v != 0  # a sign code sends 0 as +magnitude
+                assert (np.sign(d[nonzero]) == np.sign(v[nonzero])).all()
+            else:  # the rounded step is at most 2.2 % off: codes within half a step, or clipped
+                rounded = step * (1 + _LOG8_REL)
+                assert np.abs(d - v).max() <= rounded / 2 + _LOG8_REL * 7 * step + 1e-6 * step
+
+
+def test_log8_scales_by_hand() -> None:
+    x = {"w": np.array([[3.0, -3.0], [-1.5, 1.5], [0.0, 0.0], [1e-9, 1e-9]], np.float32)}
+    payload = codec.encode(x, CodecConfig(quant="ternary", scales="log8"))
+    # Row steps 3, 1.5, 0 and 1e-9 (below 3 * 2 ** -15.9): reference 3.0 (float32 bytes), then
+    # codes 0, 16 (one octave), 255 (zero) and 255 (nearer to 0 than to the smallest step).
+    assert payload["meta"][1] & codec.FLAG_SCALES_LOG8
+    want = np.concatenate([np.frombuffer(np.float32(3.0).tobytes(), np.uint8), [0, 16, 255, 255]])
+    np.testing.assert_array_equal(payload["scale"], want.astype(np.uint8))
+    got = codec.decode(payload)["w"]
+    np.testing.assert_array_equal(got, [[3.0, -3.0], [-1.5, 1.5], [0.0, 0.0], [0.0, 0.0]])
+    int4 = codec.encode(
+        {"w": np.array([[7.0, -7.0], [3.5, 1.0]], np.float32)},
+        CodecConfig(quant="int4-channel", scales="log8"),
+    )
+    # Steps 1 and 0.5 (codes 0, 16); codes against them: 7 -7 | 7 2.
+    np.testing.assert_array_equal(codec.decode(int4)["w"], [[7.0, -7.0], [3.5, 1.0]])
+    assert (
+        codec.encode(
+            {"w": np.zeros((0, 3), np.float32)}, CodecConfig(quant="ternary", scales="log8")
+        )["scale"].size
+        == 0
+    )
+
+
+def test_log8_halves_the_scales_and_keeps_the_residual() -> None:
+    update = _update()
+    half = codec.encode(update, CodecConfig(quant="ternary", topk=0.05))
+    log8 = codec.encode(update, CodecConfig(quant="ternary", topk=0.05, scales="log8"))
+    assert log8["scale"].nbytes == half["scale"].size + 4
+    for name in update:  # the residual carries the rounding of the steps
+        got = codec.decode(log8)[name] + codec.residual(update, log8)[name]
+        np.testing.assert_allclose(got, update[name], rtol=1e-6, atol=1e-6)
+
+
+def test_log8_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="log8 scales need"):
+        CodecConfig(quant="int8-channel", scales="log8")
+    with pytest.raises(ValueError, match="scales must be one of"):
+        CodecConfig(quant="ternary", scales="float8")  # type: ignore[arg-type]
+
+
+def test_decode_refuses_malformed_log8_scales() -> None:
+    p = codec.encode(_update(shape=(4, 5)), CodecConfig(quant="ternary", topk=0.5, scales="log8"))
+    with pytest.raises(ValueError, match="1-D uint8 array with log8"):
+        codec.decode(dict(p, scale=p["scale"].view(np.int8)))
+    with pytest.raises(ValueError, match="rows carry"):
+        codec.decode(dict(p, scale=p["scale"][:-1]))
+    with pytest.raises(ValueError, match="rows carry"):
+        codec.decode(dict(p, scale=np.append(p["scale"], np.uint8(0))))
+    for ref in (np.nan, np.inf, 0.0, -1.0, 3e38):
+        bad = p["scale"].copy()
+        bad[:4] = np.frombuffer(np.float32(ref).tobytes(), np.uint8)
+        with pytest.raises(ValueError, match="log8 reference"):
+            codec.decode(dict(p, scale=bad))
+    with pytest.raises(ValueError, match="1-D float16"):  # float16 steps are not log8 codes
+        codec.decode(_flag(p, codec.FLAG_SCALES_LOG8, False))
+    int8 = codec.encode(_update(shape=(4, 5)), CodecConfig(quant="int8", topk=0.5))
+    with pytest.raises(ValueError, match="log8 scales flagged outside"):
+        codec.decode(_flag(int8, codec.FLAG_SCALES_LOG8, True))
+    blob = codec.encode(
+        _update(shape=(4, 5)),
+        CodecConfig(quant="ternary", topk=0.5, scales="log8", container="blob"),
+    )
+    streams = unpack_blob(blob)
+    with pytest.raises(ValueError, match="rows carry"):
+        codec.decode(pack_blob(dict(streams, scale=streams["scale"][:-2])))
 
 
 def test_stochastic_int4_is_unbiased() -> None:

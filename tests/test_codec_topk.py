@@ -48,9 +48,18 @@ def test_sparse_decode_by_hand_holds_only_the_sent_entries() -> None:
     x=hnp.arrays(np.float32, (6, 7), elements=st.floats(-100, 100, width=32)),
     quant=st.sampled_from(["none", "int8", "int8-channel", "int4-channel", "ternary"]),
     topk=st.sampled_from([0.05, 0.3, 1.0]),
+    log8=st.booleans(),
 )
-def test_sparse_decode_equals_the_dense_decode(x: np.ndarray, quant: str, topk: float) -> None:
-    payload = codec.encode({"w": x, "b": x[0]}, CodecConfig(quant=quant, topk=topk))  # type: ignore[arg-type]
+def test_sparse_decode_equals_the_dense_decode(
+    x: np.ndarray, quant: str, topk: float, log8: bool
+) -> None:
+    lowbit = quant in ("int4-channel", "ternary")
+    config = CodecConfig(
+        quant=quant,  # type: ignore[arg-type]
+        topk=topk,
+        scales="log8" if log8 and lowbit else "float16",
+    )
+    payload = codec.encode({"w": x, "b": x[0]}, config)
     dense = codec.decode(payload)
     for name, tensor in codec.decode_sparse(payload).items():
         np.testing.assert_array_equal(tensor.dense(), dense[name])

@@ -99,6 +99,13 @@ def _payloads() -> dict[str, codec.Payload]:
         "ternary top-k sparse": codec.encode(
             model, CodecConfig(quant="ternary", topk=0.2, entropy=True), masks=masks
         ),
+        "int4 log8 top-k": codec.encode(
+            model, CodecConfig(quant="int4-channel", topk=0.2, entropy=True, scales="log8")
+        ),
+        "ternary log8 blob": codec.encode(
+            model,
+            CodecConfig(quant="ternary", topk=0.05, entropy=True, container="blob", scales="log8"),
+        ),
         "ternary blob": codec.encode(
             model, CodecConfig(quant="ternary", topk=0.05, entropy=True, container="blob")
         ),

@@ -44,6 +44,8 @@ def test_ints_are_accepted_as_floats() -> None:
         ({"dp": True, "noise-multiplier": 1.0, "target-epsilon": 3.0}, "noise-multiplier"),
         ({"dp": True, "noise-multiplier": 1.0, "inner-strategy": "fedprox"}, "inner-strategy"),
         ({"dp": True, "noise-multiplier": 1.0, "prune-method": "sensitivity"}, "prune-method"),
+        ({"lowbit-scales": "log8"}, "lowbit-scales"),  # quant int8-channel has no row steps
+        ({"lowbit-scales": "log4", "quant": "ternary"}, "lowbit-scales"),
         ({"distill-temperature": 0.0}, "distill-temperature"),
         ({"distill-alpha": -0.5}, "distill-alpha"),
         ({"distill-beta": -0.5}, "distill-beta"),
@@ -57,6 +59,16 @@ def test_ints_are_accepted_as_floats() -> None:
 def test_bad_values_name_the_key(values: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):
         RunConfig.from_mapping(values)
+
+
+def test_lowbit_scales_reach_the_low_bit_codecs_only() -> None:
+    cfg = RunConfig.from_mapping(
+        {"quant": "ternary", "update-topk": 0.05, "downlink-quant": "int8-channel"}
+        | {"lowbit-scales": "log8", "delta-downlink": True}
+    )
+    assert cfg.update_codec().scales == "log8"
+    assert cfg.downlink_update_codec().scales == "float16"
+    assert cfg.codec().scales == "float16"
 
 
 def test_fedavg_baseline_is_dense() -> None:

@@ -9,6 +9,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from boundary.records import to_record
 from clients.client_app import receive
 from fedprune import codec, keys, task
+from fedprune.codec.container import unpack_blob
 from fedprune.config import ConfigError, RunConfig
 from fedprune.models import get_weights
 from simulations.grid import server_task_identity
@@ -42,9 +43,14 @@ def _messages(model: dict[str, np.ndarray], server_round: int) -> list[Message]:
     return [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in (1, 2)]
 
 
-def test_round_one_sends_a_digest_and_nodes_rebuild_the_model() -> None:
-    initial = get_weights(task.new_model(CFG))
-    wrapper = Downlink(CFG.codec(), update_codec=CFG.downlink_update_codec(), delta_downlink=True)
+# The delta downlink as the Fashion-MNIST rows send it: signs of its own top 3 %, log8 steps.
+LOG8 = CFG.replace(downlink_quant="ternary", downlink_topk=0.03, lowbit_scales="log8")
+
+
+@pytest.mark.parametrize("cfg", [CFG, LOG8], ids=["int8-down", "ternary-log8-down"])
+def test_round_one_sends_a_digest_and_nodes_rebuild_the_model(cfg: RunConfig) -> None:
+    initial = get_weights(task.new_model(cfg))
+    wrapper = Downlink(cfg.codec(), update_codec=cfg.downlink_update_codec(), delta_downlink=True)
     wrapper.expect_seeded_start(codec.weights_digest(initial))
     contexts = {n: Context(1, n, {}, RecordDict(), {}) for n in (1, 2)}
     sent = wrapper.encode(_messages(initial, 1), RoundState(1, initial))
@@ -52,19 +58,23 @@ def test_round_one_sends_a_digest_and_nodes_rebuild_the_model() -> None:
         config = message.content.config_records[keys.CONFIG]
         assert config[keys.PAYLOAD_KIND] == "seed"
         assert len(message.content.array_records[keys.ARRAYS]) == 0  # no model travels
-        start, masks = receive(message, contexts[message.metadata.dst_node_id], CFG)
+        start, masks = receive(message, contexts[message.metadata.dst_node_id], cfg)
         assert masks is None
         for name, w in initial.items():
             np.testing.assert_array_equal(start[name], w)
     for message in sent:  # both nodes answered round 1
         wrapper.delivered(message.metadata.dst_node_id)
-    moved = {k: v + np.float32(0.01) for k, v in initial.items()}
+    rng = np.random.default_rng(0)
+    moved = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in initial.items()}
     second = wrapper.encode(_messages(moved, 2), RoundState(2, moved))
     for message in second:
         config = message.content.config_records[keys.CONFIG]
         assert config[keys.PAYLOAD_KIND] == "delta"  # against the exact initial model
         assert list(message.content.array_records[keys.ARRAYS]) == [codec.KEY_BLOB]
-        start, _ = receive(message, contexts[message.metadata.dst_node_id], CFG)
+        blob = message.content.array_records[keys.ARRAYS][codec.KEY_BLOB].numpy()
+        flags = int(unpack_blob({codec.KEY_BLOB: blob})[codec.KEY_META][1])
+        assert bool(flags & codec.FLAG_SCALES_LOG8) == (cfg.lowbit_scales == "log8")
+        start, _ = receive(message, contexts[message.metadata.dst_node_id], cfg)
         assert wrapper._ref is not None
         for name in start:
             np.testing.assert_array_equal(start[name], wrapper._ref[name])

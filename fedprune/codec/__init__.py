@@ -26,7 +26,9 @@ sparse int8 payload of a small model. The keys, in this order:
     ``"int8-channel"`` mode for tensors with ``ndim >= 2``, else one for the whole tensor. 0-d
     and 1-D tensors (biases, norm parameters) are therefore quantized per tensor in
     ``"int8-channel"`` mode; their ``tensor_flags`` record that. A channel with no kept entry or
-    only zeros has scale ``1.0``.
+    only zeros has scale ``1.0``. Low-bit modes (``int4-channel``, ``ternary``): one step per
+    row that carries entries, float16, or uint8 log-scale codes after a float32 reference
+    (:data:`FLAG_SCALES_LOG8`).
 ``values`` (float32, or uint8 when zlib-compressed; ``quant="none"``)
     All tensors' kept entries themselves, concatenated.
 ``select`` (uint8; only with ``CodecConfig.topk < 1``)
@@ -69,6 +71,7 @@ from fedprune.codec.format import (
     FLAG_MASK_SENT,
     FLAG_MASK_ZLIB,
     FLAG_MASKED,
+    FLAG_SCALES_LOG8,
     FLAG_SELECT_RICE,
     FLAG_SELECT_ZLIB,
     FLAG_SELECTED,
@@ -84,6 +87,8 @@ from fedprune.codec.format import (
     KEY_SCALE,
     KEY_SELECT,
     KEY_VALUES,
+    LOG8_STEPS,
+    LOG8_ZERO,
     NAME_SEP,
     QMAX,
     QMAX4,
@@ -94,6 +99,7 @@ from fedprune.codec.format import (
     Payload,
     QuantMode,
     RoundingMode,
+    ScaleFormat,
 )
 from fedprune.codec.quant import dequantize_int8, quantize_int8
 from fedprune.codec.sparse import SparseTensor
@@ -106,6 +112,7 @@ __all__ = [
     "FLAG_MASK_RICE",
     "FLAG_MASK_SENT",
     "FLAG_MASK_ZLIB",
+    "FLAG_SCALES_LOG8",
     "FLAG_SELECTED",
     "FLAG_SELECT_RICE",
     "FLAG_SELECT_ZLIB",
@@ -121,6 +128,8 @@ __all__ = [
     "KEY_SCALE",
     "KEY_SELECT",
     "KEY_VALUES",
+    "LOG8_STEPS",
+    "LOG8_ZERO",
     "NAME_SEP",
     "QMAX",
     "QMAX4",
@@ -131,6 +140,7 @@ __all__ = [
     "Payload",
     "QuantMode",
     "RoundingMode",
+    "ScaleFormat",
     "SparseTensor",
     "bits_breakdown",
     "decode",

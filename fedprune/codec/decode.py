@@ -32,6 +32,7 @@ from fedprune.codec.format import (
     FLAG_MASK_SENT,
     FLAG_MASK_ZLIB,
     FLAG_MASKED,
+    FLAG_SCALES_LOG8,
     FLAG_SELECT_RICE,
     FLAG_SELECT_ZLIB,
     FLAG_SELECTED,
@@ -47,6 +48,7 @@ from fedprune.codec.format import (
     NAME_SEP,
     QMAX,
     QUANT_BITS,
+    ScaleFormat,
     _as_float32,
     _check_mask,
     _effective_quant,
@@ -56,9 +58,9 @@ from fedprune.codec.format import (
 )
 from fedprune.codec.quant import (
     _check_scales,
-    _check_scales16,
     _dequantize,
     _dequantize_lowbit,
+    _read_steps,
     _row_counts,
 )
 from fedprune.codec.rice import rice_decode
@@ -150,6 +152,8 @@ def _parse_layout(payload: Mapping[str, np.ndarray]) -> _Layout:
         raise ValueError(f"{label}: unknown payload flags {flags:#x}")
     if flags & FLAG_TERNARY and flags & QUANT_BITS != _QUANT_LOWBIT:
         raise ValueError(f"{label}: ternary flagged outside the low-bit mode")
+    if flags & FLAG_SCALES_LOG8 and flags & QUANT_BITS != _QUANT_LOWBIT:
+        raise ValueError(f"{label}: log8 scales flagged outside the low-bit mode")
     for zlib_flag, rice_flag, key in (
         (FLAG_MASK_ZLIB, FLAG_MASK_RICE, KEY_MASK),
         (FLAG_SELECT_ZLIB, FLAG_SELECT_RICE, KEY_SELECT),
@@ -452,7 +456,8 @@ def _decode_lowbit(
         counts = _row_counts(flat_idx, entry.shape)
         placed.append((entry, flat_idx, counts, n_rows))
         n_rows += int(np.count_nonzero(counts))
-    scales = _check_scales16(_label(KEY_SCALE), payload[KEY_SCALE], n_rows)
+    fmt: ScaleFormat = "log8" if layout.flags & FLAG_SCALES_LOG8 else "float16"
+    scales = _read_steps(_label(KEY_SCALE), payload[KEY_SCALE], n_rows, fmt)
     out: dict[str, SparseTensor] = {}
     for entry, flat_idx, counts, start in placed:
         step = scales[start : start + int(np.count_nonzero(counts))]

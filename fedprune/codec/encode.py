@@ -21,6 +21,7 @@ from fedprune.codec.format import (
     FLAG_MASK_SENT,
     FLAG_MASK_ZLIB,
     FLAG_MASKED,
+    FLAG_SCALES_LOG8,
     FLAG_SELECT_RICE,
     FLAG_SELECT_ZLIB,
     FLAG_SELECTED,
@@ -45,10 +46,12 @@ from fedprune.codec.format import (
     _position_counts,
 )
 from fedprune.codec.quant import (
+    _lowbit_codes,
+    _lowbit_magnitudes,
     _quantize_dense,
-    _quantize_lowbit,
     _quantize_masked_channels,
     _quantize_masked_tensor,
+    _round_steps,
 )
 from fedprune.masks import topk_flat
 
@@ -104,6 +107,7 @@ def encode(
     if unknown:
         raise ValueError(f"masks name tensors that are not encoded: {sorted(unknown)}")
     quant = _QUANT_OF[config.quant]
+    ternary = config.quant == "ternary"
 
     # Pass 1: validate, and lay the tensors out in the streams (popcounts are cheap).
     entries: list[_Entry] = []
@@ -139,7 +143,8 @@ def encode(
     # Pass 2: quantize (or copy) every tensor straight into its slice of the streams.
     stream: np.ndarray
     scales: np.ndarray | None = None
-    lowbit_scales: list[NDArray[np.float16]] = []
+    lowbit: list[tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.int8]]] = []
+    lowbit_steps: list[NDArray[np.float32]] = []
     if quant == _QUANT_NONE:
         stream = np.empty(n_values, dtype=np.float32)
     else:
@@ -157,10 +162,9 @@ def encode(
         if scales is None:
             _copy_values(entry.name, x, sent, out)
         elif quant == _QUANT_LOWBIT:
-            ternary = config.quant == "ternary"
-            lowbit_scales.append(
-                _quantize_lowbit(entry.name, x, sent, ternary, config.rounding, rng, out)
-            )
+            vals, filled, steps = _lowbit_magnitudes(entry.name, x, sent, ternary)
+            lowbit.append((vals, filled, out))
+            lowbit_steps.append(steps)
         else:
             scale_out = scales[entry.scale_start : entry.scale_start + entry.n_scales]
             _quantize_into(entry, x, sent, config.rounding, rng, out, scale_out)
@@ -169,9 +173,18 @@ def encode(
 
     flags = quant
     if quant == _QUANT_LOWBIT:
-        flags |= FLAG_TERNARY if config.quant == "ternary" else 0
-        stream = _pack_codes(stream, ternary=config.quant == "ternary")
-        scales = np.concatenate(lowbit_scales) if lowbit_scales else np.zeros(0, np.float16)
+        # The steps of every row are rounded together (log8 scales share one reference), then
+        # the codes are computed against the rounded steps.
+        steps = np.concatenate(lowbit_steps) if lowbit_steps else np.zeros(0, np.float32)
+        scales, rounded = _round_steps(steps, config.scales)
+        start = 0
+        for vals, filled, out in lowbit:
+            step = rounded[start : start + filled.size]
+            _lowbit_codes(vals, filled, step, ternary, config.rounding, rng, out)
+            start += filled.size
+        flags |= FLAG_TERNARY if ternary else 0
+        flags |= FLAG_SCALES_LOG8 if config.scales == "log8" else 0
+        stream = _pack_codes(stream, ternary=ternary)
     if config.entropy:
         stream, compressed = _maybe_deflate(stream)
         flags |= FLAG_CODES_ZLIB if compressed else 0

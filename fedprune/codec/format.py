@@ -12,6 +12,7 @@ from numpy.typing import NDArray
 QuantMode = Literal["none", "int8", "int8-channel", "int4-channel", "ternary"]
 Container = Literal["arrays", "blob"]
 RoundingMode = Literal["nearest", "stochastic"]
+ScaleFormat = Literal["float16", "log8"]
 Payload: TypeAlias = dict[str, np.ndarray]
 
 # -- Payload layout ----------------------------------------------------------------------------
@@ -71,6 +72,15 @@ FLAG_SELECT_RICE: Final = 1 << 9
 """The ``select`` stream is Rice-coded gaps (:mod:`fedprune.codec.rice`)."""
 FLAG_MASK_RICE: Final = 1 << 10
 """The ``mask`` stream is Rice-coded gaps."""
+FLAG_SCALES_LOG8: Final = 1 << 11
+"""Payload flag (low-bit mode): the ``scale`` stream is 8-bit log-scale codes (uint8), not
+float16: a little-endian float32 reference ``r`` (4 bytes) then one code ``c`` per row that
+carries entries, the row's step ``r * 2 ** (-c / LOG8_STEPS)`` (``c = 255``: 0). No rows: empty."""
+LOG8_STEPS: Final = 16
+"""Log-scale codes per octave (a step is within ``2 ** (1 / 32) - 1 = 2.2 %`` of its magnitude
+when the magnitude is within 254 / 16 = 15.9 octaves below the payload's largest)."""
+LOG8_ZERO: Final = 255
+"""The log-scale code of a zero step."""
 _PAYLOAD_FLAGS: Final = (
     QUANT_BITS
     | FLAG_CODES_ZLIB
@@ -79,6 +89,7 @@ _PAYLOAD_FLAGS: Final = (
     | FLAG_TERNARY
     | FLAG_SELECT_RICE
     | FLAG_MASK_RICE
+    | FLAG_SCALES_LOG8
 )
 _TENSOR_FLAGS: Final = QUANT_BITS | FLAG_MASKED | FLAG_MASK_SENT | FLAG_SELECTED
 
@@ -125,6 +136,10 @@ class CodecConfig:
         (axis 0; a 0-d or 1-D tensor is one row) *that carries entries*; ``"ternary"``: the
         sign of each transmitted entry (one bit) times one float16 magnitude per such row (the
         mean ``|x|`` of its transmitted entries, the least-squares magnitude of a sign code).
+    scales : {"float16", "log8"}
+        Step sizes of the low-bit modes: float16, or one byte per row on a log scale below
+        the payload's largest step (:data:`FLAG_SCALES_LOG8`; ``"log8"`` needs a low-bit
+        ``quant``). Codes are computed against the rounded step either way.
     rounding : {"nearest", "stochastic"}
         Round to nearest (error ``<= scale / 2`` up to float32 rounding) or unbiased stochastic
         rounding (``E[decode] == x``; needs an ``rng`` in :func:`encode`).
@@ -147,6 +162,7 @@ class CodecConfig:
     entropy: bool = False
     topk: float = 1.0
     container: Container = "arrays"
+    scales: ScaleFormat = "float16"
 
     def __post_init__(self) -> None:
         if self.quant not in get_args(QuantMode):
@@ -162,6 +178,12 @@ class CodecConfig:
         if self.container not in get_args(Container):
             raise ValueError(
                 f"container must be one of {get_args(Container)}, got {self.container!r}"
+            )
+        if self.scales not in get_args(ScaleFormat):
+            raise ValueError(f"scales must be one of {get_args(ScaleFormat)}, got {self.scales!r}")
+        if self.scales == "log8" and self.quant not in ("int4-channel", "ternary"):
+            raise ValueError(
+                f"log8 scales need quant 'int4-channel' or 'ternary', not {self.quant!r}"
             )
         if self.quant == "ternary" and self.rounding == "stochastic":
             raise ValueError("ternary codes are signs: stochastic rounding does not apply")

@@ -16,8 +16,11 @@ from fedprune.codec.format import (
     _MAX_SCALE,
     _QUANT_CHANNEL,
     _QUANT_TENSOR,
+    LOG8_STEPS,
+    LOG8_ZERO,
     QMAX4,
     RoundingMode,
+    ScaleFormat,
     _as_float32,
     _n_scales,
 )
@@ -293,9 +296,15 @@ def _check_scales(label: str, scales: object, expected: int) -> NDArray[np.float
     return scales
 
 
-# -- Low-bit modes: int4 per row, ternary (sign x per-row magnitude), float16 scales -----------
+# -- Low-bit modes: int4 per row, ternary (sign x per-row magnitude), float16 or log8 scales ----
 _F16_MAX: Final = np.float32(np.finfo(np.float16).max)
 _F32_QMAX4: Final = np.float32(QMAX4)
+_LOG8_TABLE: Final = np.append(
+    (2.0 ** (-np.arange(LOG8_ZERO, dtype=np.float64) / LOG8_STEPS)).astype(np.float32),
+    np.float32(0.0),
+)
+"""``2 ** (-code / LOG8_STEPS)`` per log-scale code; code :data:`LOG8_ZERO` is 0."""
+_LOG8_MAX_REF: Final = np.float32(np.finfo(np.float32).max / 8)
 
 
 def _lowbit_rows(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -314,22 +323,14 @@ def _row_counts(flat_idx: NDArray[np.int64] | None, shape: tuple[int, ...]) -> N
     return np.diff(np.searchsorted(flat_idx, edges)).astype(np.int64)
 
 
-def _quantize_lowbit(
-    name: str,
-    x: NDArray[np.float32],
-    mask: NDArray[np.bool_] | None,
-    ternary: bool,
-    rounding: RoundingMode,
-    rng: np.random.Generator | None,
-    codes: NDArray[np.int8],
-) -> NDArray[np.float16]:
-    """Quantize the entries of ``x`` under ``mask`` (all without) to int4 or sign codes.
+def _lowbit_magnitudes(
+    name: str, x: NDArray[np.float32], mask: NDArray[np.bool_] | None, ternary: bool
+) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.float32]]:
+    """Return the entries of ``x`` under ``mask`` (all without), their per-row counts and steps.
 
-    Writes the codes into ``codes`` (int8, in ``[-7, 7]`` or ``{-1, 1}``) and returns the
-    float16 scales of the rows that carry at least one entry, in row order. Codes are computed
-    against the float16-rounded scale, so ``decode = code * scale`` is what the encoder assumed.
-    A scale that would overflow float16 is capped at its largest finite value; one that
-    underflows becomes 0 (the row decodes to zeros; error feedback carries it).
+    ``counts`` has one entry per row that carries at least one entry; the float32 step of such
+    a row is the mean ``|x|`` (ternary: the least-squares magnitude of a sign code) or
+    ``max |x| / 7`` (int4), before the step is rounded to its wire format.
     """
     flat = x.reshape(-1)
     flat_idx = None if mask is None else np.flatnonzero(mask)
@@ -339,18 +340,36 @@ def _quantize_lowbit(
     counts = _row_counts(flat_idx, x.shape)
     filled = counts[counts > 0]
     if not filled.size:
-        return np.zeros(0, dtype=np.float16)
+        return vals, filled, np.zeros(0, dtype=np.float32)
     starts = np.concatenate(([0], np.cumsum(filled)[:-1]))
     magnitude = np.abs(vals)
     if ternary:
-        scale32 = np.add.reduceat(magnitude, starts, dtype=np.float32) / filled.astype(np.float32)
+        steps = np.add.reduceat(magnitude, starts, dtype=np.float32) / filled.astype(np.float32)
     else:
-        scale32 = np.maximum.reduceat(magnitude, starts) / _F32_QMAX4
-    scales = np.minimum(scale32, _F16_MAX).astype(np.float16)
+        steps = np.maximum.reduceat(magnitude, starts) / _F32_QMAX4
+    return vals, filled, steps.astype(np.float32, copy=False)
+
+
+def _lowbit_codes(
+    vals: NDArray[np.float32],
+    filled: NDArray[np.int64],
+    step: NDArray[np.float32],
+    ternary: bool,
+    rounding: RoundingMode,
+    rng: np.random.Generator | None,
+    codes: NDArray[np.int8],
+) -> None:
+    """Write the int4 codes (``[-7, 7]``) or signs (``{-1, 1}``) of ``vals`` into ``codes``.
+
+    ``step``: the rounded step of each row with entries (``filled`` entries each); int4 codes
+    are computed against it, so ``decode = code * step`` is what the encoder assumed. A zero
+    step makes its row's codes 0 (the row decodes to zeros; error feedback carries it).
+    """
     if ternary:
         codes[...] = np.where(vals < 0, np.int8(-1), np.int8(1))
-        return scales
-    step = scales.astype(np.float32)
+        return
+    if not filled.size:
+        return
     inv = np.divide(_F32_ONE, step, out=np.zeros_like(step), where=step > 0)
     vals *= np.repeat(inv, filled)
     if rounding == "nearest":
@@ -362,18 +381,74 @@ def _quantize_lowbit(
         np.floor(vals, out=vals)
     np.clip(vals, -_F32_QMAX4, _F32_QMAX4, out=vals)
     np.copyto(codes, vals, casting="unsafe")
-    return scales
+
+
+def _round_steps(
+    steps: NDArray[np.float32], fmt: ScaleFormat
+) -> tuple[NDArray[np.float16] | NDArray[np.uint8], NDArray[np.float32]]:
+    """Return the ``scale`` stream of the low-bit steps of a payload and the steps it decodes to.
+
+    ``"float16"``: a step that would overflow float16 is capped at its largest finite value,
+    one that underflows becomes 0. ``"log8"`` (:data:`~fedprune.codec.format.FLAG_SCALES_LOG8`):
+    the reference is the largest step (capped so that ``7 * step`` stays finite), each step the
+    nearest code on the log scale; a step below the scale's range becomes the smallest step, or 0
+    when it is nearer to 0.
+    """
+    if fmt == "float16":
+        half = np.minimum(steps, _F16_MAX).astype(np.float16)
+        return half, half.astype(np.float32)
+    if not steps.size:
+        return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.float32)
+    ref = np.float32(min(float(steps.max()), float(_LOG8_MAX_REF)))
+    if not ref > 0:
+        ref = _F32_ONE  # every step is 0: all codes LOG8_ZERO
+    with np.errstate(divide="ignore"):
+        octaves = -np.log2(steps.astype(np.float64) / float(ref))
+    code = np.clip(np.rint(LOG8_STEPS * octaves), 0, LOG8_ZERO - 1)
+    smallest = float(ref) * float(_LOG8_TABLE[LOG8_ZERO - 1])
+    code[steps < smallest / 2] = LOG8_ZERO
+    codes = code.astype(np.uint8)
+    stream = np.concatenate((np.frombuffer(ref.astype("<f4").tobytes(), np.uint8), codes))
+    return stream, _log8_steps(ref, codes)
+
+
+def _log8_steps(ref: np.float32, codes: NDArray[np.uint8]) -> NDArray[np.float32]:
+    """Decode log-scale codes against the reference: ``ref * 2 ** (-code / LOG8_STEPS)``."""
+    return np.multiply(_LOG8_TABLE[codes], ref, dtype=np.float32)
+
+
+def _read_steps(label: str, scales: object, expected: int, fmt: ScaleFormat) -> NDArray[np.float32]:
+    """Validate a low-bit ``scale`` stream of ``expected`` rows; return its float32 steps."""
+    if fmt == "float16":
+        return _check_scales16(label, scales, expected).astype(np.float32)
+    if not isinstance(scales, np.ndarray) or scales.dtype != np.uint8 or scales.ndim != 1:
+        raise ValueError(f"{label} must be a 1-D uint8 array with log8 scales")
+    want = 4 + expected if expected else 0
+    if scales.size != want:
+        raise ValueError(
+            f"{label} has {scales.size} bytes, but {expected} rows carry transmitted entries "
+            f"(log8: a 4-byte reference and a byte per row, expected {want})"
+        )
+    if not expected:
+        return np.zeros(0, dtype=np.float32)
+    ref = np.frombuffer(scales[:4].tobytes(), dtype="<f4")[0]
+    if not 0 < ref <= _LOG8_MAX_REF:  # also rejects NaN
+        raise ValueError(
+            f"{label} has a log8 reference {ref} outside (0, {_LOG8_MAX_REF}] (non-finite, "
+            "non-positive, or so large that code 7 overflows float32)"
+        )
+    return _log8_steps(np.float32(ref), scales[4:])
 
 
 def _dequantize_lowbit(
-    codes: NDArray[np.int8], counts: NDArray[np.int64], scales: NDArray[np.float16]
+    codes: NDArray[np.int8], counts: NDArray[np.int64], steps: NDArray[np.float32]
 ) -> NDArray[np.float32]:
-    """Return the transmitted entries as float32: ``code * scale of its row``.
+    """Return the transmitted entries as float32: ``code * step of its row``.
 
-    ``counts`` are the transmitted entries per row (rows without any have no scale).
+    ``counts`` are the transmitted entries per row (rows without any have no step).
     """
     values = codes.astype(np.float32)
-    values *= np.repeat(scales.astype(np.float32), counts[counts > 0])
+    values *= np.repeat(steps, counts[counts > 0])
     return values
 
 
