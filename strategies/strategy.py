@@ -16,10 +16,12 @@ travels and what the inner strategy is given. One round, in order:
     The accepted replies are bounded (:mod:`strategies.validation`: example weight, update
     norm), their votes collected, and each is handed to the inner strategy in one fixed form
     (records ``arrays`` and ``metrics``, the same metric keys in every reply), so Flower's
-    consistency checks can never end the run. Fewer than ``min_replies`` accepted replies, or a
-    non-finite aggregate, skip the round: the model, the mask and the inner strategy's state
-    stay as they were. Otherwise the votes are reconciled into the new global mask, which the
-    aggregate is made to respect.
+    consistency checks can never end the run. A weighted-mean strategy (FedAvg, FedProx, and
+    FedAvgM/FedOpt, which step from the mean) gets the mean instead, summed from the replies'
+    transmitted entries (:func:`aggregates_weighted_mean`). Fewer than ``min_replies``
+    accepted replies, or a non-finite aggregate, skip the round: the model, the mask and the
+    inner strategy's state stay as they were. Otherwise the votes are reconciled into the new
+    global mask, which the aggregate is made to respect.
 ``configure_evaluate`` / ``aggregate_evaluate``
     The same downlink encoding, and the same boundary and normal form for the replies.
 """
