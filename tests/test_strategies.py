@@ -100,23 +100,41 @@ def test_replies_are_decoded_and_reconstructed_before_averaging() -> None:
     assert metrics[keys.NUM_REJECTED] == 0
 
 
+@pytest.mark.parametrize("prunes", [True, False], ids=["pruning", "dense"])
 @pytest.mark.parametrize(
     "make",
     [FedAvg, lambda: FedAvgM(server_momentum=0.9), lambda: FedAdam(eta=0.1)],
     ids=["fedavg", "fedavgm", "fedadam"],
 )
 def test_the_weighted_mean_path_equals_aggregating_every_model(
-    make: Callable[[], Strategy],
+    make: Callable[[], Strategy], prunes: bool
 ) -> None:
-    """Summing sparse updates into one mean reply == the inner strategy averaging N models."""
+    """Summing sparse updates into one mean reply == the inner strategy averaging N models.
+
+    With pruning on (the default configuration), the server scores each client's model itself
+    in round 1 and prunes ``w`` to half; round 2's replies are deltas under that mask.
+    """
     fast = make()
     general = type("Subclass", (type(fast),), {})()  # a subclass: every model goes to the inner
     general.__dict__.update(make().__dict__)
     assert aggregates_weighted_mean(fast) and not aggregates_weighted_mean(general)
     update = codec.CodecConfig(quant="int8-channel", topk=0.5)
     results = []
+    masks = []
     for inner in (fast, general):
-        wrapper = FedPrune(inner, codec_config=INT8, update_codec=update, limits=UNBOUNDED)
+        masking = (
+            MaskPolicy(
+                ["w"],
+                DensitySchedule(initial=1.0, final=0.5, start_round=1, end_round=1),
+                ReconcileConfig(rule="topk"),
+                server_scores=True,
+            )
+            if prunes
+            else None
+        )
+        wrapper = FedPrune(
+            inner, codec_config=INT8, update_codec=update, limits=UNBOUNDED, masking=masking
+        )
         weights = GLOBAL
         for server_round in (1, 2):  # FedAvgM and FedAdam carry state into round 2
             sent = wrapper.configure_train(
@@ -128,9 +146,11 @@ def test_the_weighted_mean_path_equals_aggregating_every_model(
                 delta = {
                     k: seeded.standard_normal(v.shape).astype(np.float32) for k, v in GLOBAL.items()
                 }
+                mask = None if masking is None else masking.mask
+                payload = codec.encode(delta, update, masks=mask, send_masks=False)
                 content = RecordDict(
                     {
-                        keys.ARRAYS: to_record(codec.encode(delta, update)),
+                        keys.ARRAYS: to_record(payload),
                         keys.METRICS: MetricRecord(
                             {keys.NUM_EXAMPLES: 10 * (i + 1), keys.TRAIN_LOSS: float(i)}
                         ),
@@ -142,7 +162,13 @@ def test_the_weighted_mean_path_equals_aggregating_every_model(
             weights = from_record(arrays)
             aggregated_metrics = dict(metrics)
         results.append((weights, aggregated_metrics))
+        masks.append(None if masking is None else masking.mask)
     (w_fast, m_fast), (w_general, m_general) = results
+    if prunes:
+        assert masks[0] is not None and masks[1] is not None
+        np.testing.assert_array_equal(masks[0]["w"], masks[1]["w"])
+        assert masks[0]["w"].sum() == 3  # half of the 6 entries
+        assert np.all(w_fast["w"][~masks[0]["w"]] == 0.0)
     for name in GLOBAL:
         np.testing.assert_allclose(w_fast[name], w_general[name], rtol=1e-5, atol=1e-6)
     assert m_fast == pytest.approx(m_general)
