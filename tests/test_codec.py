@@ -756,7 +756,7 @@ def _corrupt(change: str) -> codec.Payload:
     elif change == "meta version":
         meta[0] = 99
     elif change == "payload flags":
-        meta[1] |= 1 << 12
+        meta[1] |= 1 << 20
     elif change == "payload quant":
         meta[1] = 3
     elif change == "tensor flags":

@@ -24,16 +24,19 @@ from fedprune.codec.format import (
     _QUANT_CHANNEL,
     _QUANT_LOWBIT,
     _QUANT_NONE,
+    _STREAM_FLAGS,
     _TENSOR_FLAGS,
     _TENSOR_HEAD,
     _VALUES_DTYPE,
     FLAG_CODES_ZLIB,
     FLAG_MASK_RICE,
+    FLAG_MASK_ROWS,
     FLAG_MASK_SENT,
     FLAG_MASK_ZLIB,
     FLAG_MASKED,
     FLAG_SCALES_LOG8,
     FLAG_SELECT_RICE,
+    FLAG_SELECT_ROWS,
     FLAG_SELECT_ZLIB,
     FLAG_SELECTED,
     FLAG_TERNARY,
@@ -55,6 +58,7 @@ from fedprune.codec.format import (
     _Entry,
     _label,
     _position_counts,
+    _position_rows,
 )
 from fedprune.codec.quant import (
     _check_scales,
@@ -63,7 +67,7 @@ from fedprune.codec.quant import (
     _read_steps,
     _row_counts,
 )
-from fedprune.codec.rice import rice_decode
+from fedprune.codec.rice import rice_decode, rice_rows_decode, row_segments
 from fedprune.codec.sparse import SparseTensor
 
 
@@ -154,12 +158,14 @@ def _parse_layout(payload: Mapping[str, np.ndarray]) -> _Layout:
         raise ValueError(f"{label}: ternary flagged outside the low-bit mode")
     if flags & FLAG_SCALES_LOG8 and flags & QUANT_BITS != _QUANT_LOWBIT:
         raise ValueError(f"{label}: log8 scales flagged outside the low-bit mode")
-    for zlib_flag, rice_flag, key in (
-        (FLAG_MASK_ZLIB, FLAG_MASK_RICE, KEY_MASK),
-        (FLAG_SELECT_ZLIB, FLAG_SELECT_RICE, KEY_SELECT),
+    for zlib_flag, rice_flag, rows_flag, key in (
+        (FLAG_MASK_ZLIB, FLAG_MASK_RICE, FLAG_MASK_ROWS, KEY_MASK),
+        (FLAG_SELECT_ZLIB, FLAG_SELECT_RICE, FLAG_SELECT_ROWS, KEY_SELECT),
     ):
         if flags & zlib_flag and flags & rice_flag:
             raise ValueError(f"{label}: stream {key!r} flagged both zlib and Rice")
+        if flags & rows_flag and not flags & rice_flag:
+            raise ValueError(f"{label}: stream {key!r} flagged row-segmented but not Rice")
     if not 0 <= n_tensors <= (len(meta) - _META_HEAD) // _TENSOR_HEAD:
         raise ValueError(f"{label}: {n_tensors} tensors do not fit its {len(meta)} entries")
     names = _parse_names(payload, n_tensors)
@@ -256,13 +262,15 @@ def _read_positions(
     """
     if key not in payload:
         return None
-    if key == KEY_MASK:
-        n_bits, zlib_flag, rice_flag = layout.n_bits, FLAG_MASK_ZLIB, FLAG_MASK_RICE
-    else:
-        n_bits, zlib_flag, rice_flag = layout.n_select, FLAG_SELECT_ZLIB, FLAG_SELECT_RICE
-    if layout.flags & rice_flag:
+    kinds = _STREAM_FLAGS[key]
+    n_bits = layout.n_bits if key == KEY_MASK else layout.n_select
+    if layout.flags & kinds["rice-rows"] == kinds["rice-rows"]:
+        rows = _position_rows(layout.entries, key)
+        segments = row_segments(layout.position_counts(key), rows)
+        return rice_rows_decode(_label(key), payload[key], segments)
+    if layout.flags & kinds["rice"]:
         return rice_decode(_label(key), payload[key], layout.position_counts(key))
-    compressed = bool(layout.flags & zlib_flag)
+    compressed = bool(layout.flags & kinds["zlib"])
     bits = _read_stream(key, payload[key], np.dtype(np.uint8), (n_bits + 7) // 8, compressed)
     _check_padding(_label(key), bits, n_bits)
     return np.flatnonzero(np.unpackbits(bits, count=n_bits).view(np.bool_))

@@ -16,14 +16,11 @@ from fedprune.codec.format import (
     _QUANT_LOWBIT,
     _QUANT_NONE,
     _QUANT_OF,
+    _STREAM_FLAGS,
     FLAG_CODES_ZLIB,
-    FLAG_MASK_RICE,
     FLAG_MASK_SENT,
-    FLAG_MASK_ZLIB,
     FLAG_MASKED,
     FLAG_SCALES_LOG8,
-    FLAG_SELECT_RICE,
-    FLAG_SELECT_ZLIB,
     FLAG_SELECTED,
     FLAG_TERNARY,
     FORMAT_VERSION,
@@ -44,6 +41,7 @@ from fedprune.codec.format import (
     _Entry,
     _names_array,
     _position_counts,
+    _position_rows,
 )
 from fedprune.codec.quant import (
     _lowbit_codes,
@@ -190,12 +188,14 @@ def encode(
         flags |= FLAG_CODES_ZLIB if compressed else 0
         if bits is not None:
             counts = _position_counts(entries, KEY_MASK)
-            bits, kind = _smallest_positions(bits, n_bits, counts)
-            flags |= {"zlib": FLAG_MASK_ZLIB, "rice": FLAG_MASK_RICE}.get(kind, 0)
+            rows = _position_rows(entries, KEY_MASK)
+            bits, kind = _smallest_positions(bits, n_bits, counts, rows)
+            flags |= _STREAM_FLAGS[KEY_MASK][kind]
         if select is not None:
             counts = _position_counts(entries, KEY_SELECT)
-            select, kind = _smallest_positions(select, n_select, counts)
-            flags |= {"zlib": FLAG_SELECT_ZLIB, "rice": FLAG_SELECT_RICE}.get(kind, 0)
+            rows = _position_rows(entries, KEY_SELECT)
+            select, kind = _smallest_positions(select, n_select, counts, rows)
+            flags |= _STREAM_FLAGS[KEY_SELECT][kind]
 
     meta: list[int] = [FORMAT_VERSION, flags, len(entries)]
     for entry in entries:

@@ -1,4 +1,4 @@
-"""The entropy stage: zlib, or a Rice code for bit streams, where it is smaller on the wire."""
+"""The entropy stage: zlib, or a Rice code (whole or per row) for bit streams, where smaller."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedprune.codec.format import ZLIB_LEVEL, _label
-from fedprune.codec.rice import rice_encode
+from fedprune.codec.rice import rice_encode, rice_rows_encode, row_segments
 from fedprune.codec.wire import _array_wire_bytes
 
 
@@ -38,20 +38,26 @@ def _inflate(key: str, stream: np.ndarray, nbytes: int) -> bytes:
 
 
 def _smallest_positions(
-    bits: NDArray[np.uint8], n_bits: int, counts: list[tuple[int, int]]
+    bits: NDArray[np.uint8], n_bits: int, counts: list[tuple[int, int]], rows: list[int]
 ) -> tuple[NDArray[np.uint8], str]:
-    """Return the smallest of a packed bit stream, its zlib and its Rice code on the wire.
+    """Return the smallest of a packed bit stream, its zlib and its Rice codes on the wire.
 
-    ``counts`` holds ``(n_ones, n_bits)`` per segment. The kind is ``"raw"``, ``"zlib"`` or
-    ``"rice"``. zlib at level 6 is slow on sparse bitmaps (long match chains of zero bytes), so
-    it runs only where the fast level 1 already beats the Rice code, i.e. where the positions
-    have structure that gap coding does not see (whole rows never selected, ...).
+    ``counts`` holds ``(n_ones, n_bits)`` per segment and ``rows`` the rows each segment
+    splits into (:func:`fedprune.codec.format._position_rows`). The kind is ``"raw"``,
+    ``"zlib"``, ``"rice"`` or ``"rice-rows"`` (one Rice segment per row, the row counts first).
+    zlib at level 6 is slow on sparse bitmaps (long match chains of zero bytes), so it runs only
+    where the fast level 1 already beats the Rice code, i.e. where the positions have structure
+    that gap coding does not see (whole rows never selected, ...).
     """
-    rice = rice_encode(np.unpackbits(bits, count=n_bits).view(np.bool_), counts)
+    flat = np.unpackbits(bits, count=n_bits).view(np.bool_)
+    rice = rice_encode(flat, counts)
     options: list[tuple[int, int, NDArray[np.uint8], str]] = [
         (_array_wire_bytes(bits), 0, bits, "raw"),
         (_array_wire_bytes(rice), 2, rice, "rice"),
     ]
+    if any(r > 1 for r in rows):
+        per_row = rice_rows_encode(flat, row_segments(counts, rows))
+        options.append((_array_wire_bytes(per_row), 3, per_row, "rice-rows"))
     fast = zlib.compress(np.ascontiguousarray(bits).data, 1)
     if len(fast) < rice.size:
         packed, compressed = _maybe_deflate(bits)

@@ -72,6 +72,12 @@ FLAG_SELECT_RICE: Final = 1 << 9
 """The ``select`` stream is Rice-coded gaps (:mod:`fedprune.codec.rice`)."""
 FLAG_MASK_RICE: Final = 1 << 10
 """The ``mask`` stream is Rice-coded gaps."""
+FLAG_SELECT_ROWS: Final = 1 << 12
+"""With :data:`FLAG_SELECT_RICE`: the Rice code has one segment per row of each tensor of
+``ndim >= 2`` whose every entry is a candidate, the rows' counts first
+(:func:`fedprune.codec.rice.rice_rows_encode`)."""
+FLAG_MASK_ROWS: Final = 1 << 13
+"""With :data:`FLAG_MASK_RICE`: the ``mask`` stream's Rice code has one segment per row."""
 FLAG_SCALES_LOG8: Final = 1 << 11
 """Payload flag (low-bit mode): the ``scale`` stream is 8-bit log-scale codes (uint8), not
 float16: a little-endian float32 reference ``r`` (4 bytes) then one code ``c`` per row that
@@ -90,7 +96,24 @@ _PAYLOAD_FLAGS: Final = (
     | FLAG_SELECT_RICE
     | FLAG_MASK_RICE
     | FLAG_SCALES_LOG8
+    | FLAG_SELECT_ROWS
+    | FLAG_MASK_ROWS
 )
+_STREAM_FLAGS: Final[dict[str, dict[str, int]]] = {
+    KEY_MASK: {
+        "raw": 0,
+        "zlib": FLAG_MASK_ZLIB,
+        "rice": FLAG_MASK_RICE,
+        "rice-rows": FLAG_MASK_RICE | FLAG_MASK_ROWS,
+    },
+    KEY_SELECT: {
+        "raw": 0,
+        "zlib": FLAG_SELECT_ZLIB,
+        "rice": FLAG_SELECT_RICE,
+        "rice-rows": FLAG_SELECT_RICE | FLAG_SELECT_ROWS,
+    },
+}
+"""Payload flags of each kind of bit stream the entropy stage picks, per stream key."""
 _TENSOR_FLAGS: Final = QUANT_BITS | FLAG_MASKED | FLAG_MASK_SENT | FLAG_SELECTED
 
 ZLIB_LEVEL: Final = 6
@@ -293,4 +316,19 @@ def _position_counts(entries: list[_Entry], key: str) -> list[tuple[int, int]]:
         (e.n_candidates if e.flags & FLAG_SELECTED else e.n_values, e.size)
         for e in entries
         if e.flags & FLAG_MASK_SENT
+    ]
+
+
+def _position_rows(entries: list[_Entry], key: str) -> list[int]:
+    """Return the rows each tensor segment of a bit stream splits into for row-segmented Rice.
+
+    A segment splits into its tensor's rows (axis 0) when the tensor has ``ndim >= 2`` and the
+    segment holds a bit for each of its entries (always for ``mask``; for ``select`` when the
+    tensor is dense); else it stays whole (1).
+    """
+    segments = [e for e in entries if key == KEY_SELECT or e.flags & FLAG_MASK_SENT]
+    n_bits = [n for _, n in _position_counts(entries, key)]
+    return [
+        e.shape[0] if len(e.shape) >= 2 and e.shape[0] > 1 and bits == e.size else 1
+        for e, bits in zip(segments, n_bits, strict=True)
     ]
