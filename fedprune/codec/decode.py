@@ -251,14 +251,33 @@ def _read_stream(
     return np.frombuffer(raw, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class _Positions:
+    """The set bits of a decoded ``mask`` or ``select`` stream, read per tensor segment.
+
+    A bitmap stays unpacked (``bitmap``) and each segment is searched on its own; a Rice code
+    decodes straight to the sorted flat positions of every segment (``flat``).
+    """
+
+    bitmap: NDArray[np.bool_] | None = None
+    flat: NDArray[np.int64] | None = None
+
+    def segment(self, start: int, count: int) -> NDArray[np.int64]:
+        """Return the set positions in ``[start, start + count)``, relative to ``start``."""
+        if self.bitmap is not None:
+            return np.flatnonzero(self.bitmap[start : start + count])
+        assert self.flat is not None
+        lo, hi = np.searchsorted(self.flat, (start, start + count))
+        return self.flat[lo:hi] - start
+
+
 def _read_positions(
     payload: Mapping[str, np.ndarray], key: str, layout: _Layout
-) -> NDArray[np.int64] | None:
-    """Validate a bit stream (``mask`` or ``select``) and return the positions of its set bits.
+) -> _Positions | None:
+    """Validate a bit stream (``mask`` or ``select``) and return its set bits.
 
-    ``None`` when the payload has none. The positions are sorted flat indices into the
-    concatenation of the stream's segments; a Rice-coded stream is decoded straight into them
-    (at most the declared number of bits), a bitmap is unpacked once.
+    ``None`` when the payload has none. A Rice-coded stream is decoded straight into sorted
+    positions (at most the declared number of bits), a bitmap is unpacked once.
     """
     if key not in payload:
         return None
@@ -267,28 +286,22 @@ def _read_positions(
     if layout.flags & kinds["rice-rows"] == kinds["rice-rows"]:
         rows = _position_rows(layout.entries, key)
         segments = row_segments(layout.position_counts(key), rows)
-        return rice_rows_decode(_label(key), payload[key], segments)
+        return _Positions(flat=rice_rows_decode(_label(key), payload[key], segments))
     if layout.flags & kinds["rice"]:
-        return rice_decode(_label(key), payload[key], layout.position_counts(key))
+        return _Positions(flat=rice_decode(_label(key), payload[key], layout.position_counts(key)))
     compressed = bool(layout.flags & kinds["zlib"])
     bits = _read_stream(key, payload[key], np.dtype(np.uint8), (n_bits + 7) // 8, compressed)
     _check_padding(_label(key), bits, n_bits)
-    return np.flatnonzero(np.unpackbits(bits, count=n_bits).view(np.bool_))
-
-
-def _segment(positions: NDArray[np.int64], start: int, count: int) -> NDArray[np.int64]:
-    """Return the positions in ``[start, start + count)``, relative to ``start``."""
-    lo, hi = np.searchsorted(positions, (start, start + count))
-    return positions[lo:hi] - start
+    return _Positions(bitmap=np.unpackbits(bits, count=n_bits).view(np.bool_))
 
 
 def _mask_index(
-    entry: _Entry, bits: NDArray[np.int64] | None, masks: Mapping[str, np.ndarray] | None
+    entry: _Entry, bits: _Positions | None, masks: Mapping[str, np.ndarray] | None
 ) -> NDArray[np.int64]:
     """Return the kept flat indices of a sparse tensor: from the payload if sent, else ``masks``."""
     if entry.flags & FLAG_MASK_SENT:
         assert bits is not None  # the key set was checked
-        return _segment(bits, entry.bit_start, entry.size)
+        return bits.segment(entry.bit_start, entry.size)
     if masks is None or entry.name not in masks:
         raise ValueError(
             f"tensor {entry.name!r} was encoded without its mask bits; "
@@ -301,9 +314,9 @@ def _decode_entry(
     entry: _Entry,
     stream: np.ndarray,
     scales: NDArray[np.float32] | None,
-    bits: NDArray[np.int64] | None,
+    bits: _Positions | None,
     masks: Mapping[str, np.ndarray] | None,
-    select: NDArray[np.int64] | None = None,
+    select: _Positions | None = None,
 ) -> SparseTensor:
     """Decode one tensor from its slices of the (validated) streams into fresh float32 memory."""
     data = stream[entry.value_start : entry.value_start + entry.n_values]
@@ -325,9 +338,9 @@ def _decode_entry(
 
 def _positions(
     entry: _Entry,
-    bits: NDArray[np.int64] | None,
+    bits: _Positions | None,
     masks: Mapping[str, np.ndarray] | None,
-    select: NDArray[np.int64] | None,
+    select: _Positions | None,
 ) -> NDArray[np.int64] | None:
     """Return the sorted flat indices of a tensor's transmitted entries (``None``: all)."""
     flat_idx: NDArray[np.int64] | None = None
@@ -341,7 +354,7 @@ def _positions(
                 f"tensor {entry.name!r}: selection over {entry.n_candidates} candidates but the "
                 f"mask keeps {candidates}"
             )
-        chosen = _segment(select, entry.select_start, candidates)
+        chosen = select.segment(entry.select_start, candidates)
         flat_idx = chosen if flat_idx is None else flat_idx[chosen]
     if flat_idx is not None and flat_idx.size != entry.n_values:
         raise ValueError(
