@@ -21,7 +21,7 @@ from fedprune.catalog import (
     ModelName,
     PartitionScheme,
 )
-from fedprune.codec import CodecConfig, Container, QuantMode, ScaleFormat
+from fedprune.codec import CodecConfig, Container, QuantMode, ScaleFormat, TopkScope
 from fedprune.masks import ReconcileRule
 
 StrategyName = Literal["fedavg", "compressed"]
@@ -115,6 +115,8 @@ class RunConfig:
     # downlink quant is int8 per channel (signs or int4 of a whole model lose too much).
     downlink_quant: DownlinkQuant = "same"
     downlink_topk: float = 0.0
+    # "tensor": the top-k fraction of each tensor; "model": of all entries together (both ways).
+    topk_scope: TopkScope = "tensor"
     container: Container = "arrays"
     seeded_start: bool = False
     # Step sizes of the low-bit modes (int4-channel, ternary), both directions: float16, or a
@@ -337,6 +339,7 @@ class RunConfig:
             quant=self.quant,
             entropy=self.entropy,
             topk=self.update_topk,
+            topk_scope=self.topk_scope,
             container=self.container,
             scales=self._scales(self.quant),
         )
@@ -347,6 +350,7 @@ class RunConfig:
             quant=self._downlink_quant(),
             entropy=self.entropy,
             topk=self.downlink_topk or self.update_topk,
+            topk_scope=self.topk_scope,
             container=self.container,
             scales=self._scales(self._downlink_quant()),
         )

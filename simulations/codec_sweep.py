@@ -58,6 +58,17 @@ CODEC_ROWS: tuple[Row, ...] = (
     _row("tern-up0.05-down0.02-log8", "ternary", 0.05, 0.02, lowbit_scales="log8"),
     _row("tern-up0.05-down0.025-log8", "ternary", 0.05, 0.025, lowbit_scales="log8"),
     _row("tern-up0.04-down0.03-log8", "ternary", 0.04, 0.03, lowbit_scales="log8"),
+    _row("tern-up0.05-down0.03-model", "ternary", 0.05, 0.03, topk_scope="model"),
+    _row("tern-up0.04-down0.03-model", "ternary", 0.04, 0.03, topk_scope="model"),
+    _row("tern-up0.05-down0.025-model", "ternary", 0.05, 0.025, topk_scope="model"),
+    _row(
+        "tern-up0.05-down0.03-model-log8",
+        "ternary",
+        0.05,
+        0.03,
+        topk_scope="model",
+        lowbit_scales="log8",
+    ),
     _row(
         "int4-up0.03-terndown0.03-log8",
         "int4-channel",

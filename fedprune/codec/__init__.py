@@ -102,6 +102,7 @@ from fedprune.codec.format import (
     QuantMode,
     RoundingMode,
     ScaleFormat,
+    TopkScope,
 )
 from fedprune.codec.quant import dequantize_int8, quantize_int8
 from fedprune.codec.sparse import SparseTensor
@@ -146,6 +147,7 @@ __all__ = [
     "RoundingMode",
     "ScaleFormat",
     "SparseTensor",
+    "TopkScope",
     "bits_breakdown",
     "decode",
     "decode_sparse",

@@ -107,6 +107,12 @@ def encode(
     quant = _QUANT_OF[config.quant]
     ternary = config.quant == "ternary"
 
+    model_topk = (
+        _select_topk_model(tensors, masks, config.topk)
+        if config.topk < 1.0 and config.topk_scope == "model"
+        else None
+    )
+
     # Pass 1: validate, and lay the tensors out in the streams (popcounts are cheap).
     entries: list[_Entry] = []
     arrays: list[NDArray[np.float32]] = []
@@ -124,7 +130,9 @@ def encode(
             flags |= FLAG_MASKED | (FLAG_MASK_SENT if send_masks else 0)
             kept = int(np.count_nonzero(mask))
         candidates, selection = kept, None
-        if config.topk < 1.0:
+        if model_topk is not None:
+            selection = model_topk[name]
+        elif config.topk < 1.0:
             selection = _select_topk(name, x, mask, config.topk)
             flags |= FLAG_SELECTED
             kept = int(np.count_nonzero(selection))
@@ -226,6 +234,31 @@ def _select_topk(
         raise ValueError(f"tensor {name!r} has non-finite (NaN or inf) entries")
     # Linear-time selection; equal magnitudes go to the lower index, the same on every machine.
     return topk_flat(magnitude, math.ceil(topk * magnitude.size))
+
+
+def _select_topk_model(
+    tensors: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray], topk: float
+) -> dict[str, NDArray[np.bool_]]:
+    """Return per tensor which candidates are among the top-k of all tensors' candidates.
+
+    Called before the per-tensor checks of :func:`encode`, so it validates what it reads.
+    """
+    names, magnitudes = [], []
+    for name, tensor in tensors.items():
+        x = _as_float32(_check_name(name), tensor)
+        mask = masks.get(name)
+        flat = x.reshape(-1)
+        if mask is not None:
+            flat = flat[_check_mask(name, mask, x.shape).reshape(-1)]
+        magnitude = np.abs(flat)
+        if not np.isfinite(magnitude).all():
+            raise ValueError(f"tensor {name!r} has non-finite (NaN or inf) entries")
+        names.append(name)
+        magnitudes.append(magnitude)
+    every = np.concatenate(magnitudes) if magnitudes else np.zeros(0, np.float32)
+    chosen = topk_flat(every, math.ceil(topk * every.size))
+    ends = np.cumsum([m.size for m in magnitudes])
+    return dict(zip(names, np.split(chosen, ends[:-1]), strict=True))
 
 
 def _selected_mask(

@@ -13,6 +13,7 @@ QuantMode = Literal["none", "int8", "int8-channel", "int4-channel", "ternary"]
 Container = Literal["arrays", "blob"]
 RoundingMode = Literal["nearest", "stochastic"]
 ScaleFormat = Literal["float16", "log8"]
+TopkScope = Literal["tensor", "model"]
 Payload: TypeAlias = dict[str, np.ndarray]
 
 # -- Payload layout ----------------------------------------------------------------------------
@@ -178,6 +179,12 @@ class CodecConfig:
         else all) that is transmitted: the ``ceil(topk * n)`` largest in magnitude, the rest
         decodes as ``0.0``. For updates, with error feedback (:func:`residual`) carrying what
         was not sent; ``1.0`` sends every candidate and adds no ``select`` stream.
+    topk_scope : {"tensor", "model"}
+        Where the top-k is taken: ``"tensor"``, the ``topk`` fraction of each tensor's
+        candidates; ``"model"``, the ``ceil(topk * n)`` largest magnitudes over all candidates
+        of all tensors together (a tensor whose entries are larger gets more of the budget;
+        among equal magnitudes the earlier tensor and lower index win). The payload records
+        each tensor's count either way: the receiver does not need to know.
     """
 
     quant: QuantMode = "int8-channel"
@@ -186,6 +193,7 @@ class CodecConfig:
     topk: float = 1.0
     container: Container = "arrays"
     scales: ScaleFormat = "float16"
+    topk_scope: TopkScope = "tensor"
 
     def __post_init__(self) -> None:
         if self.quant not in get_args(QuantMode):
@@ -201,6 +209,10 @@ class CodecConfig:
         if self.container not in get_args(Container):
             raise ValueError(
                 f"container must be one of {get_args(Container)}, got {self.container!r}"
+            )
+        if self.topk_scope not in get_args(TopkScope):
+            raise ValueError(
+                f"topk_scope must be one of {get_args(TopkScope)}, got {self.topk_scope!r}"
             )
         if self.scales not in get_args(ScaleFormat):
             raise ValueError(f"scales must be one of {get_args(ScaleFormat)}, got {self.scales!r}")
