@@ -25,6 +25,8 @@ from fedprune.codec.rice import (
     row_segments,
 )
 
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
 
 # -- Rice code of positions ----------------------------------------------------------------------
 def test_rice_by_hand() -> None:
@@ -316,6 +318,77 @@ def test_a_selection_under_a_mask_stays_one_segment() -> None:
     np.testing.assert_array_equal(got["w"], codec.decode(plain)["w"])
 
 
+# -- Top-k over the whole model ------------------------------------------------------------------
+def test_model_scope_topk_by_hand() -> None:
+    x = {
+        "a": np.array([6.0, -5.0], np.float32),
+        "b": np.array([[3.0, -4.0], [0.5, 2.0]], np.float32),
+    }
+    # k = ceil(0.5 * 6) = 3: |6|, |-5|, |-4|: both entries of a, one of b.
+    config = CodecConfig(quant="none", topk=0.5, topk_scope="model", entropy=True)
+    got = codec.decode(codec.encode(x, config))
+    np.testing.assert_array_equal(got["a"], [6.0, -5.0])
+    np.testing.assert_array_equal(got["b"], [[0.0, -4.0], [0.0, 0.0]])
+    # Per tensor: one of a's two entries, two of b's four.
+    per_tensor = codec.decode(codec.encode(x, CodecConfig(quant="none", topk=0.5)))
+    np.testing.assert_array_equal(per_tensor["a"], [6.0, 0.0])
+    np.testing.assert_array_equal(per_tensor["b"], [[3.0, -4.0], [0.0, 0.0]])
+
+
+def test_model_scope_ties_go_to_the_earlier_tensor() -> None:
+    x = {"a": np.full(3, 2.0, np.float32), "b": np.full(3, -2.0, np.float32)}
+    got = codec.decode(codec.encode(x, CodecConfig(quant="none", topk=0.5, topk_scope="model")))
+    np.testing.assert_array_equal(got["a"], [2.0, 2.0, 2.0])
+    np.testing.assert_array_equal(got["b"], [0.0, 0.0, 0.0])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 9)), elements=finite),
+    hnp.arrays(np.float32, st.integers(1, 12), elements=finite),
+    st.sampled_from([0.05, 0.3, 0.9]),
+    st.booleans(),
+)
+def test_model_scope_sends_the_largest_entries_of_all_tensors(
+    w: np.ndarray, b: np.ndarray, topk: float, masked: bool
+) -> None:
+    x = {"w": w, "b": b}
+    masks = {"w": np.arange(w.size).reshape(w.shape) % 3 != 0} if masked else None
+    config = CodecConfig(quant="none", topk=topk, topk_scope="model", entropy=True)
+    got = codec.decode(codec.encode(x, config, masks=masks))
+    candidates = np.concatenate([np.abs(w[masks["w"]] if masks else w).ravel(), np.abs(b)])
+    k = math.ceil(topk * candidates.size)
+    threshold = np.sort(candidates)[::-1][k - 1]
+    sent = np.concatenate([got["w"].ravel(), got["b"]])
+    original = np.concatenate([w.ravel(), b])
+    nonzero = sent != 0
+    np.testing.assert_array_equal(sent[nonzero], original[nonzero])
+    assert np.count_nonzero(original[nonzero]) <= k
+    # Every entry sent is at least the k-th magnitude; every larger one was sent.
+    assert (np.abs(original[nonzero]) >= threshold).all()
+    unmasked = np.concatenate(
+        [(masks["w"] if masks else np.ones_like(w, bool)).ravel(), [True] * b.size]
+    )
+    assert (nonzero | (np.abs(original) <= threshold) | ~unmasked).all()
+
+
+def test_model_scope_may_leave_a_tensor_without_entries() -> None:
+    rng = np.random.default_rng(4)
+    x = {"w": rng.standard_normal((40, 50)).astype(np.float32), "b": np.full(40, 1e-6, np.float32)}
+    for quant in ("ternary", "int4-channel", "int8-channel"):
+        config = CodecConfig(quant=quant, topk=0.05, topk_scope="model", entropy=True)  # type: ignore[arg-type]
+        payload = codec.encode(x, config)
+        got = codec.decode(payload)
+        np.testing.assert_array_equal(got["b"], np.zeros(40, np.float32))
+        assert np.count_nonzero(got["w"]) == 102  # ceil(0.05 * 2040), all in w
+        np.testing.assert_array_equal(codec.residual(x, payload)["b"], x["b"])
+
+
+def test_topk_scope_is_checked() -> None:
+    with pytest.raises(ValueError, match="topk_scope must be one of"):
+        CodecConfig(topk_scope="layer")  # type: ignore[arg-type]
+
+
 # -- int4 and ternary codes ----------------------------------------------------------------------
 def test_int4_by_hand() -> None:
     x = {"w": np.array([[7.0, -3.5, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]], np.float32)}
@@ -347,9 +420,6 @@ def test_scales_only_for_rows_that_carry_entries() -> None:
     payload = codec.encode(x, CodecConfig(quant="ternary", topk=2 / 60))
     assert payload["scale"].size == 2
     np.testing.assert_array_equal(codec.decode(payload)["w"], x["w"])
-
-
-finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 
 
 @settings(max_examples=100, deadline=None)

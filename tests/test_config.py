@@ -46,6 +46,7 @@ def test_ints_are_accepted_as_floats() -> None:
         ({"dp": True, "noise-multiplier": 1.0, "prune-method": "sensitivity"}, "prune-method"),
         ({"lowbit-scales": "log8"}, "lowbit-scales"),  # quant int8-channel has no row steps
         ({"lowbit-scales": "log4", "quant": "ternary"}, "lowbit-scales"),
+        ({"topk-scope": "layer"}, "topk-scope"),
         ({"distill-temperature": 0.0}, "distill-temperature"),
         ({"distill-alpha": -0.5}, "distill-alpha"),
         ({"distill-beta": -0.5}, "distill-beta"),
@@ -69,6 +70,15 @@ def test_lowbit_scales_reach_the_low_bit_codecs_only() -> None:
     assert cfg.update_codec().scales == "log8"
     assert cfg.downlink_update_codec().scales == "float16"
     assert cfg.codec().scales == "float16"
+
+
+def test_topk_scope_reaches_both_update_codecs() -> None:
+    cfg = RunConfig.from_mapping(
+        {"quant": "ternary", "update-topk": 0.05, "delta-downlink": True, "topk-scope": "model"}
+    )
+    assert cfg.update_codec().topk_scope == "model"
+    assert cfg.downlink_update_codec().topk_scope == "model"
+    assert RunConfig().update_codec().topk_scope == "tensor"
 
 
 def test_fedavg_baseline_is_dense() -> None:

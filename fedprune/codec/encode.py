@@ -130,10 +130,11 @@ def encode(
             flags |= FLAG_MASKED | (FLAG_MASK_SENT if send_masks else 0)
             kept = int(np.count_nonzero(mask))
         candidates, selection = kept, None
-        if model_topk is not None:
-            selection = model_topk[name]
-        elif config.topk < 1.0:
-            selection = _select_topk(name, x, mask, config.topk)
+        if config.topk < 1.0:
+            if model_topk is not None:
+                selection = model_topk[name]
+            else:
+                selection = _select_topk(name, x, mask, config.topk)
             flags |= FLAG_SELECTED
             kept = int(np.count_nonzero(selection))
         entry = _Entry(name, flags, kept, x.shape, n_values, n_scales, n_bits, candidates, n_select)
