@@ -376,7 +376,7 @@ def test_model_scope_may_leave_a_tensor_without_entries() -> None:
     rng = np.random.default_rng(4)
     x = {"w": rng.standard_normal((40, 50)).astype(np.float32), "b": np.full(40, 1e-6, np.float32)}
     for quant in ("ternary", "int4-channel", "int8-channel"):
-        config = CodecConfig(quant=quant, topk=0.05, topk_scope="model", entropy=True)  # type: ignore[arg-type]
+        config = CodecConfig(quant=quant, topk=0.05, topk_scope="model", entropy=True)
         payload = codec.encode(x, config)
         got = codec.decode(payload)
         np.testing.assert_array_equal(got["b"], np.zeros(40, np.float32))
