@@ -21,7 +21,7 @@ from fedprune.catalog import (
     ModelName,
     PartitionScheme,
 )
-from fedprune.codec import CodecConfig, Container, QuantMode, ScaleFormat, TopkScope
+from fedprune.codec import MAX_BLOCK, CodecConfig, Container, QuantMode, ScaleFormat, TopkScope
 from fedprune.masks import ReconcileRule
 
 StrategyName = Literal["fedavg", "compressed"]
@@ -117,6 +117,8 @@ class RunConfig:
     downlink_topk: float = 0.0
     # "tensor": the top-k fraction of each tensor; "model": of all entries together (both ways).
     topk_scope: TopkScope = "tensor"
+    # Top-k by blocks of this many consecutive entries (a power of two), one position per block.
+    topk_block: int = 1
     container: Container = "arrays"
     seeded_start: bool = False
     # Step sizes of the low-bit modes (int4-channel, ternary), both directions: float16, or a
@@ -237,6 +239,11 @@ class RunConfig:
         _check(0.0 < self.update_topk <= 1.0, "update-topk", "must be in (0, 1]")
         _check(0.0 <= self.downlink_topk <= 1.0, "downlink-topk", "must be in [0, 1] (0: same)")
         _check(
+            1 <= self.topk_block <= MAX_BLOCK and not self.topk_block & (self.topk_block - 1),
+            "topk-block",
+            f"must be a power of two in [1, {MAX_BLOCK}]",
+        )
+        _check(
             self.lowbit_scales == "float16"
             or bool(_LOWBIT.intersection((self.quant, self._downlink_quant()))),
             "lowbit-scales",
@@ -340,6 +347,7 @@ class RunConfig:
             entropy=self.entropy,
             topk=self.update_topk,
             topk_scope=self.topk_scope,
+            topk_block=self.topk_block,
             container=self.container,
             scales=self._scales(self.quant),
         )
@@ -351,6 +359,7 @@ class RunConfig:
             entropy=self.entropy,
             topk=self.downlink_topk or self.update_topk,
             topk_scope=self.topk_scope,
+            topk_block=self.topk_block,
             container=self.container,
             scales=self._scales(self._downlink_quant()),
         )

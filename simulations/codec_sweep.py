@@ -59,6 +59,11 @@ CODEC_ROWS: tuple[Row, ...] = (
     _row("tern-up0.05-down0.025-log8", "ternary", 0.05, 0.025, lowbit_scales="log8"),
     _row("tern-up0.04-down0.03-log8", "ternary", 0.04, 0.03, lowbit_scales="log8"),
     _row("tern-up0.05-down0.03-model", "ternary", 0.05, 0.03, topk_scope="model"),
+    _row("tern-b2-up0.08-down0.05", "ternary", 0.08, 0.05, topk_block=2),
+    _row("tern-b4-up0.10-down0.06", "ternary", 0.10, 0.06, topk_block=4),
+    _row("tern-b4-up0.12-down0.08", "ternary", 0.12, 0.08, topk_block=4),
+    _row("tern-b4-up0.08-down0.06", "ternary", 0.08, 0.06, topk_block=4),
+    _row("tern-b8-up0.16-down0.10", "ternary", 0.16, 0.10, topk_block=8),
     _row("tern-up0.04-down0.03-model", "ternary", 0.04, 0.03, topk_scope="model"),
     _row("tern-up0.05-down0.025-model", "ternary", 0.05, 0.025, topk_scope="model"),
     _row(
