@@ -109,6 +109,7 @@ def test_bench_rejects_bad_settings() -> None:
 def test_codec_rows_run_with_their_codec_and_every_node_every_round() -> None:
     config = run_config("fashion-mnist", BEST_ROW, rounds=5, nodes=2)
     assert config["quant"] == "ternary" and config["update-topk"] == 0.05
+    assert config["downlink-topk"] == 0.03 and config["topk-scope"] == "model"
     assert config["container"] == "blob" and config["seeded-start"] is True
     assert config["num-server-rounds"] == 5 and config["min-train-nodes"] == 2
     assert config["fraction-train"] == 1.0 and config["fraction-evaluate"] == 0.0
