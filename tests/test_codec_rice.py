@@ -24,6 +24,7 @@ from fedprune.codec.rice import (
     rice_rows_max_bytes,
     row_segments,
 )
+from fedprune.masks import topk_flat
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 
@@ -384,6 +385,112 @@ def test_model_scope_may_leave_a_tensor_without_entries() -> None:
         np.testing.assert_array_equal(codec.residual(x, payload)["b"], x["b"])
 
 
+# -- Selection blocks ----------------------------------------------------------------------------
+def test_selection_blocks_by_hand() -> None:
+    x = {
+        "w": np.array([[1.0, -2.0, 9.0, -9.0, 0.1, 0.2]], np.float32),
+        "b": np.array([0.0, 0.0, 0.0, 0.0, 5.0], np.float32),
+    }
+    config = CodecConfig(quant="none", topk=0.34, topk_block=2)
+    payload = codec.encode(x, config)
+    # w: block sums 3, 18, 0.3 -> the top ceil(0.34 * 3) = 2 are blocks 0 and 1: bits 110.
+    # b: block sums 0, 0, 5 (the last block is one entry) -> blocks 2 and (a tie) 0: bits 101;
+    # 3 values, the zeros of block 0 among them. Select stream 110 101 00.
+    np.testing.assert_array_equal(payload["select"], [0b11010100])
+    assert payload["meta"][1] >> codec.SELECT_BLOCK_SHIFT & 0b1111 == 1
+    got = codec.decode(payload)
+    np.testing.assert_array_equal(got["w"], [[1.0, -2.0, 9.0, -9.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(got["b"], x["b"])
+    assert payload["values"].size == 4 + 3
+
+
+def _reference_blocks(
+    x: dict[str, np.ndarray], masks: dict | None, topk: float, block: int, scope: str
+) -> dict[str, np.ndarray]:
+    """Which candidates a block top-k sends, computed the slow way."""
+    cands = {n: (v[masks[n]] if masks and n in masks else v.reshape(-1)) for n, v in x.items()}
+    sums = {
+        n: np.array([np.abs(c[i : i + block]).sum() for i in range(0, c.size, block)], np.float32)
+        for n, c in cands.items()
+    }
+    if scope == "model":
+        every = np.concatenate(list(sums.values()))
+        picked = np.split(
+            topk_flat(every, math.ceil(topk * every.size)),
+            np.cumsum([s.size for s in sums.values()])[:-1],
+        )
+        chosen = dict(zip(sums, picked, strict=True))
+    else:
+        chosen = {n: topk_flat(s, math.ceil(topk * s.size)) for n, s in sums.items()}
+    return {n: np.repeat(chosen[n], block)[: cands[n].size] for n in x}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 13)), elements=finite),
+    st.sampled_from([1, 2, 4, 8]),
+    st.sampled_from([0.05, 0.3, 0.9]),
+    st.sampled_from(["none", "ternary", "int8-channel", "int4-channel"]),
+    st.sampled_from(["tensor", "model"]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_selection_blocks_round_trip(
+    w: np.ndarray, block: int, topk: float, quant: str, scope: str, masked: bool, blob: bool
+) -> None:
+    x = {"w": w, "b": w[0].copy()}
+    masks = {"w": np.arange(w.size).reshape(w.shape) % 3 != 1} if masked else None
+    config = CodecConfig(
+        quant=quant,  # type: ignore[arg-type]
+        topk=topk,
+        topk_block=block,
+        topk_scope=scope,  # type: ignore[arg-type]
+        entropy=True,
+        container="blob" if blob else "arrays",
+    )
+    got = codec.decode(codec.encode(x, config, masks=masks))
+    want = _reference_blocks(x, masks, topk, block, scope)
+    for name, value in x.items():
+        keep = masks[name] if masks and name in masks else np.ones(value.shape, bool)
+        sent = np.zeros(value.size, bool)
+        sent[np.flatnonzero(keep)[want[name]]] = True
+        out = got[name].reshape(-1)
+        assert not out[~sent].any()  # nothing outside the chosen blocks
+        if quant == "none":
+            np.testing.assert_array_equal(out[sent], value.reshape(-1)[sent])
+
+
+def test_selection_blocks_cost_a_block_share_of_position_bits() -> None:
+    rng = np.random.default_rng(5)
+    x = {"w": rng.standard_normal((200, 784)).astype(np.float32)}
+    size = {}
+    for block in (1, 4):
+        config = CodecConfig(quant="ternary", topk=0.05, topk_block=block, entropy=True)
+        payload = codec.encode(x, config)
+        assert np.count_nonzero(codec.decode(payload)["w"]) == 7840
+        size[block] = payload["select"].nbytes
+    assert 3.5 * size[4] < size[1] < 4.5 * size[4], size
+
+
+def test_malformed_selection_blocks_are_refused() -> None:
+    x = {"w": np.arange(1.0, 11.0, dtype=np.float32).reshape(2, 5)}
+    payload = codec.encode(x, CodecConfig(topk=0.5, topk_block=4, entropy=True))
+    meta = payload["meta"].copy()
+    meta[4] -= 1  # w: 4 + 2 values (blocks 1 and the short last) -> 5
+    codes = payload["codes"][:-1]
+    with pytest.raises(ValueError, match="not whole blocks of 4"):
+        codec.decode(dict(payload, meta=meta, codes=codes))
+    dense = codec.encode(x, CodecConfig())
+    meta = dense["meta"].copy()
+    meta[1] |= 2 << codec.SELECT_BLOCK_SHIFT
+    with pytest.raises(ValueError, match="selection blocks of 4 flagged but nothing selected"):
+        codec.decode(dict(dense, meta=meta))
+    with pytest.raises(ValueError, match="topk_block must be a power of two"):
+        CodecConfig(topk_block=3)
+    with pytest.raises(ValueError, match="topk_block must be a power of two"):
+        CodecConfig(topk_block=1 << 16)
+
+
 def test_topk_scope_is_checked() -> None:
     with pytest.raises(ValueError, match="topk_scope must be one of"):
         CodecConfig(topk_scope="layer")  # type: ignore[arg-type]
@@ -449,7 +556,7 @@ def test_lowbit_round_trip(
         _check_log8_round_trip(tensors, got, quant, topk)
         return
     for name, x in tensors.items():
-        sent = _select_topk(name, x, None, topk).reshape(x.shape)
+        sent = _select_topk(name, x, None, topk, 1).reshape(x.shape)
         assert not (got[name][~sent]).any()  # nothing outside the selection
         rows = x.reshape(x.shape[0] if x.ndim == 2 else 1, -1)
         out = got[name].reshape(rows.shape)
@@ -491,12 +598,13 @@ def _check_log8_round_trip(
 ) -> None:
     """Every decoded row is ``code * step`` with the step within half a log8 code of its own."""
     steps = {
-        name: _row_steps(x, _select_topk(name, x, None, topk), quant) for name, x in tensors.items()
+        name: _row_steps(x, _select_topk(name, x, None, topk, 1), quant)
+        for name, x in tensors.items()
     }
     ref = max((s for rows in steps.values() for _, s in rows), default=0.0)
     smallest = ref * 2 ** (-(codec.LOG8_ZERO - 1) / codec.LOG8_STEPS)
     for name, x in tensors.items():
-        sent = _select_topk(name, x, None, topk).reshape(x.shape)
+        sent = _select_topk(name, x, None, topk, 1).reshape(x.shape)
         assert not (got[name][~sent]).any()
         rows = x.reshape(x.shape[0] if x.ndim == 2 else 1, -1)
         out = got[name].reshape(rows.shape)

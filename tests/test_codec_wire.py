@@ -106,6 +106,17 @@ def _payloads() -> dict[str, codec.Payload]:
             model,
             CodecConfig(quant="ternary", topk=0.05, entropy=True, container="blob", scales="log8"),
         ),
+        "ternary blocks of 4, model top-k, blob": codec.encode(
+            model,
+            CodecConfig(
+                quant="ternary",
+                topk=0.05,
+                entropy=True,
+                container="blob",
+                topk_scope="model",
+                topk_block=4,
+            ),
+        ),
         "ternary blob": codec.encode(
             model, CodecConfig(quant="ternary", topk=0.05, entropy=True, container="blob")
         ),

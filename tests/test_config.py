@@ -47,6 +47,9 @@ def test_ints_are_accepted_as_floats() -> None:
         ({"lowbit-scales": "log8"}, "lowbit-scales"),  # quant int8-channel has no row steps
         ({"lowbit-scales": "log4", "quant": "ternary"}, "lowbit-scales"),
         ({"topk-scope": "layer"}, "topk-scope"),
+        ({"topk-block": 3}, "topk-block"),
+        ({"topk-block": 0}, "topk-block"),
+        ({"downlink-topk-block": 6}, "downlink-topk-block"),
         ({"distill-temperature": 0.0}, "distill-temperature"),
         ({"distill-alpha": -0.5}, "distill-alpha"),
         ({"distill-beta": -0.5}, "distill-beta"),
@@ -79,6 +82,10 @@ def test_topk_scope_reaches_both_update_codecs() -> None:
     assert cfg.update_codec().topk_scope == "model"
     assert cfg.downlink_update_codec().topk_scope == "model"
     assert RunConfig().update_codec().topk_scope == "tensor"
+    blocks = RunConfig.from_mapping({"update-topk": 0.05, "topk-block": 4})
+    assert blocks.update_codec().topk_block == blocks.downlink_update_codec().topk_block == 4
+    down = RunConfig.from_mapping({"update-topk": 0.05, "downlink-topk-block": 8})
+    assert (down.update_codec().topk_block, down.downlink_update_codec().topk_block) == (1, 8)
 
 
 def test_fedavg_baseline_is_dense() -> None:

@@ -53,6 +53,7 @@ from fedprune.codec.format import (
     QUANT_BITS,
     ScaleFormat,
     _as_float32,
+    _block_of,
     _check_mask,
     _effective_quant,
     _Entry,
@@ -170,6 +171,7 @@ def _parse_layout(payload: Mapping[str, np.ndarray]) -> _Layout:
         raise ValueError(f"{label}: {n_tensors} tensors do not fit its {len(meta)} entries")
     names = _parse_names(payload, n_tensors)
     quant = flags & QUANT_BITS
+    block = _block_of(flags)
     entries: list[_Entry] = []
     pos = _META_HEAD
     n_values = n_scales = n_bits = n_select = 0
@@ -208,9 +210,16 @@ def _parse_layout(payload: Mapping[str, np.ndarray]) -> _Layout:
                 )
             if not tflags & FLAG_MASKED and candidates != size:
                 raise ValueError(f"{where}: {candidates} candidates for a dense tensor")
+            if kept % block not in (0, candidates % block):
+                raise ValueError(
+                    f"{where}: {kept} values are not whole blocks of {block} of {candidates} "
+                    "candidates"
+                )
         elif not 0 <= kept <= size or (not tflags & FLAG_MASKED and kept != size):
             raise ValueError(f"{where}: {kept} values for a tensor of {size} entries")
-        entry = _Entry(name, tflags, kept, shape, n_values, n_scales, n_bits, candidates, n_select)
+        entry = _Entry(
+            name, tflags, kept, shape, n_values, n_scales, n_bits, candidates, n_select, block
+        )
         entries.append(entry)
         n_values += kept
         n_scales += entry.n_scales
@@ -227,6 +236,8 @@ def _parse_layout(payload: Mapping[str, np.ndarray]) -> _Layout:
         raise ValueError(f"{label}: top-k selection flagged for some tensors only")
     if flags & (FLAG_SELECT_ZLIB | FLAG_SELECT_RICE) and not any(selected):
         raise ValueError(f"{label}: compressed selection flagged but nothing selected")
+    if block > 1 and not any(selected):
+        raise ValueError(f"{label}: selection blocks of {block} flagged but nothing selected")
     layout = _Layout(flags, entries, n_values, n_scales, n_bits, n_select)
     expected = layout.expected_keys()
     missing = [key for key in expected if key not in payload]
@@ -354,7 +365,10 @@ def _positions(
                 f"tensor {entry.name!r}: selection over {entry.n_candidates} candidates but the "
                 f"mask keeps {candidates}"
             )
-        chosen = select.segment(entry.select_start, candidates)
+        chosen = select.segment(entry.select_start, entry.n_select_bits)
+        if entry.block > 1:
+            chosen = (chosen[:, None] * entry.block + np.arange(entry.block)).reshape(-1)
+            chosen = chosen[chosen < candidates]
         flat_idx = chosen if flat_idx is None else flat_idx[chosen]
     if flat_idx is not None and flat_idx.size != entry.n_values:
         raise ValueError(

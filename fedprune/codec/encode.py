@@ -35,6 +35,7 @@ from fedprune.codec.format import (
     Payload,
     RoundingMode,
     _as_float32,
+    _block_flags,
     _check_mask,
     _check_name,
     _effective_quant,
@@ -107,8 +108,9 @@ def encode(
     quant = _QUANT_OF[config.quant]
     ternary = config.quant == "ternary"
 
+    block = config.topk_block
     model_topk = (
-        _select_topk_model(tensors, masks, config.topk)
+        _select_topk_model(tensors, masks, config.topk, block)
         if config.topk < 1.0 and config.topk_scope == "model"
         else None
     )
@@ -134,10 +136,12 @@ def encode(
             if model_topk is not None:
                 selection = model_topk[name]
             else:
-                selection = _select_topk(name, x, mask, config.topk)
+                selection = _select_topk(name, x, mask, config.topk, block)
             flags |= FLAG_SELECTED
-            kept = int(np.count_nonzero(selection))
-        entry = _Entry(name, flags, kept, x.shape, n_values, n_scales, n_bits, candidates, n_select)
+            kept = _block_entries(selection, block, candidates)
+        entry = _Entry(
+            name, flags, kept, x.shape, n_values, n_scales, n_bits, candidates, n_select, block
+        )
         entries.append(entry)
         arrays.append(x)
         tensor_masks.append(mask)
@@ -164,7 +168,8 @@ def encode(
         if selection is not None:
             assert select is not None
             _pack_bits_at(select, entry.select_start, selection)
-            sent = _selected_mask(x.shape, mask, selection)
+            chosen = np.repeat(selection, block)[: entry.n_candidates] if block > 1 else selection
+            sent = _selected_mask(x.shape, mask, chosen)
         out = stream[entry.value_start : entry.value_start + entry.n_values]
         if scales is None:
             _copy_values(entry.name, x, sent, out)
@@ -178,7 +183,7 @@ def encode(
         if bits is not None and mask is not None:
             _pack_bits_at(bits, entry.bit_start, mask.reshape(-1))
 
-    flags = quant
+    flags = quant | (_block_flags(block) if config.topk < 1.0 else 0)
     if quant == _QUANT_LOWBIT:
         # The steps of every row are rounded together (log8 scales share one reference), then
         # the codes are computed against the rounded steps.
@@ -225,22 +230,44 @@ def encode(
     return pack_blob(payload) if config.container == "blob" else payload
 
 
-def _select_topk(
-    name: str, x: NDArray[np.float32], mask: NDArray[np.bool_] | None, topk: float
-) -> NDArray[np.bool_]:
-    """Return, per candidate entry of ``x`` (C order), whether it is among the top-k by |x|."""
+def _candidate_magnitudes(
+    name: str, x: NDArray[np.float32], mask: NDArray[np.bool_] | None, block: int
+) -> NDArray[np.float32]:
+    """Return ``|x|`` of a tensor's candidates (C order), summed over blocks of ``block``."""
     candidates = x.reshape(-1) if mask is None else x.reshape(-1)[mask.reshape(-1)]
     magnitude = np.abs(candidates)
     if not np.isfinite(magnitude).all():
         raise ValueError(f"tensor {name!r} has non-finite (NaN or inf) entries")
+    if block == 1:
+        return magnitude
+    return (
+        np.add.reduceat(magnitude, np.arange(0, magnitude.size, block))
+        if magnitude.size
+        else magnitude
+    )
+
+
+def _block_entries(selection: NDArray[np.bool_], block: int, candidates: int) -> int:
+    """Return the candidates that the selected blocks hold (the last block may be short)."""
+    n = int(np.count_nonzero(selection)) * block
+    if selection.size and selection[-1] and candidates % block:
+        n -= block - candidates % block
+    return n
+
+
+def _select_topk(
+    name: str, x: NDArray[np.float32], mask: NDArray[np.bool_] | None, topk: float, block: int
+) -> NDArray[np.bool_]:
+    """Return, per candidate block of ``x`` (C order), whether it is among the top-k."""
+    magnitude = _candidate_magnitudes(name, x, mask, block)
     # Linear-time selection; equal magnitudes go to the lower index, the same on every machine.
     return topk_flat(magnitude, math.ceil(topk * magnitude.size))
 
 
 def _select_topk_model(
-    tensors: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray], topk: float
+    tensors: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray], topk: float, block: int
 ) -> dict[str, NDArray[np.bool_]]:
-    """Return per tensor which candidates are among the top-k of all tensors' candidates.
+    """Return per tensor which candidate blocks are among the top-k of all tensors' blocks.
 
     Called before the per-tensor checks of :func:`encode`, so it validates what it reads.
     """
@@ -248,14 +275,10 @@ def _select_topk_model(
     for name, tensor in tensors.items():
         x = _as_float32(_check_name(name), tensor)
         mask = masks.get(name)
-        flat = x.reshape(-1)
         if mask is not None:
-            flat = flat[_check_mask(name, mask, x.shape).reshape(-1)]
-        magnitude = np.abs(flat)
-        if not np.isfinite(magnitude).all():
-            raise ValueError(f"tensor {name!r} has non-finite (NaN or inf) entries")
+            mask = _check_mask(name, mask, x.shape)
         names.append(name)
-        magnitudes.append(magnitude)
+        magnitudes.append(_candidate_magnitudes(name, x, mask, block))
     every = np.concatenate(magnitudes) if magnitudes else np.zeros(0, np.float32)
     chosen = topk_flat(every, math.ceil(topk * every.size))
     ends = np.cumsum([m.size for m in magnitudes])

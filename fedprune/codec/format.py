@@ -79,6 +79,10 @@ FLAG_SELECT_ROWS: Final = 1 << 12
 (:func:`fedprune.codec.rice.rice_rows_encode`)."""
 FLAG_MASK_ROWS: Final = 1 << 13
 """With :data:`FLAG_MASK_RICE`: the ``mask`` stream's Rice code has one segment per row."""
+SELECT_BLOCK_SHIFT: Final = 14
+SELECT_BLOCK_BITS: Final = 0b1111 << SELECT_BLOCK_SHIFT
+"""Payload field: ``log2`` of the selection block (``select`` has one bit per block of that many
+consecutive candidates of a tensor, the last block of a tensor possibly shorter; 0: entries)."""
 FLAG_SCALES_LOG8: Final = 1 << 11
 """Payload flag (low-bit mode): the ``scale`` stream is 8-bit log-scale codes (uint8), not
 float16: a little-endian float32 reference ``r`` (4 bytes) then one code ``c`` per row that
@@ -88,6 +92,8 @@ LOG8_STEPS: Final = 16
 when the magnitude is within 254 / 16 = 15.9 octaves below the payload's largest)."""
 LOG8_ZERO: Final = 255
 """The log-scale code of a zero step."""
+MAX_BLOCK: Final = 1 << 15
+"""Largest selection block (:data:`SELECT_BLOCK_BITS` holds its ``log2``)."""
 _PAYLOAD_FLAGS: Final = (
     QUANT_BITS
     | FLAG_CODES_ZLIB
@@ -99,6 +105,7 @@ _PAYLOAD_FLAGS: Final = (
     | FLAG_SCALES_LOG8
     | FLAG_SELECT_ROWS
     | FLAG_MASK_ROWS
+    | SELECT_BLOCK_BITS
 )
 _STREAM_FLAGS: Final[dict[str, dict[str, int]]] = {
     KEY_MASK: {
@@ -179,6 +186,11 @@ class CodecConfig:
         else all) that is transmitted: the ``ceil(topk * n)`` largest in magnitude, the rest
         decodes as ``0.0``. For updates, with error feedback (:func:`residual`) carrying what
         was not sent; ``1.0`` sends every candidate and adds no ``select`` stream.
+    topk_block : int
+        Select blocks of this many consecutive candidates (a power of two up to 2**15; C order
+        within each tensor, the last block of a tensor possibly shorter) by their summed
+        ``|x|``, and send one ``select`` bit per block: a block's positions cost a block's
+        share, its values as many as it holds. ``1``: single entries.
     topk_scope : {"tensor", "model"}
         Where the top-k is taken: ``"tensor"``, the ``topk`` fraction of each tensor's
         candidates; ``"model"``, the ``ceil(topk * n)`` largest magnitudes over all candidates
@@ -194,6 +206,7 @@ class CodecConfig:
     container: Container = "arrays"
     scales: ScaleFormat = "float16"
     topk_scope: TopkScope = "tensor"
+    topk_block: int = 1
 
     def __post_init__(self) -> None:
         if self.quant not in get_args(QuantMode):
@@ -209,6 +222,13 @@ class CodecConfig:
         if self.container not in get_args(Container):
             raise ValueError(
                 f"container must be one of {get_args(Container)}, got {self.container!r}"
+            )
+        block = self.topk_block
+        if not (
+            isinstance(block, int) and not isinstance(block, bool) and 1 <= block <= MAX_BLOCK
+        ) or (block & (block - 1)):
+            raise ValueError(
+                f"topk_block must be a power of two in [1, {MAX_BLOCK}], got {block!r}"
             )
         if self.topk_scope not in get_args(TopkScope):
             raise ValueError(
@@ -242,6 +262,8 @@ class _Entry:
     """Entries the selection chose from (only with :data:`FLAG_SELECTED`)."""
     select_start: int = 0
     """Bit offset of the tensor's selection in the ``select`` stream."""
+    block: int = 1
+    """Candidates per ``select`` bit (:data:`SELECT_BLOCK_BITS`)."""
 
     @property
     def mode(self) -> int:
@@ -261,7 +283,12 @@ class _Entry:
 
     @property
     def n_select_bits(self) -> int:
-        return self.n_candidates if self.flags & FLAG_SELECTED else 0
+        return -(-self.n_candidates // self.block) if self.flags & FLAG_SELECTED else 0
+
+    @property
+    def n_select_ones(self) -> int:
+        """Blocks selected: ``n_values`` over whole blocks, plus a short last block if any."""
+        return -(-self.n_values // self.block)
 
     @property
     def meta(self) -> list[int]:
@@ -323,7 +350,7 @@ def _check_mask(name: str, mask: object, shape: tuple[int, ...]) -> NDArray[np.b
 def _position_counts(entries: list[_Entry], key: str) -> list[tuple[int, int]]:
     """Return ``(set bits, bits)`` per tensor segment of the ``mask`` or ``select`` stream."""
     if key == KEY_SELECT:
-        return [(e.n_values, e.n_candidates) for e in entries]
+        return [(e.n_select_ones, e.n_select_bits) for e in entries]
     return [
         (e.n_candidates if e.flags & FLAG_SELECTED else e.n_values, e.size)
         for e in entries
@@ -344,3 +371,13 @@ def _position_rows(entries: list[_Entry], key: str) -> list[int]:
         e.shape[0] if len(e.shape) >= 2 and e.shape[0] > 1 and bits == e.size else 1
         for e, bits in zip(segments, n_bits, strict=True)
     ]
+
+
+def _block_of(flags: int) -> int:
+    """Return the selection block a payload's flags declare."""
+    return 1 << ((flags & SELECT_BLOCK_BITS) >> SELECT_BLOCK_SHIFT)
+
+
+def _block_flags(block: int) -> int:
+    """Return the payload flag field of a selection block (a power of two)."""
+    return (block.bit_length() - 1) << SELECT_BLOCK_SHIFT
