@@ -119,7 +119,6 @@ class RunConfig:
     topk_scope: TopkScope = "tensor"
     # Top-k by blocks of this many consecutive entries (a power of two), one position per block.
     topk_block: int = 1
-    downlink_topk_block: int = 0  # 0: as topk-block
     container: Container = "arrays"
     seeded_start: bool = False
     # Step sizes of the low-bit modes (int4-channel, ternary), both directions: float16, or a
@@ -239,16 +238,11 @@ class RunConfig:
         _check(0.0 < self.vote_threshold <= 1.0, "vote-threshold", "must be in (0, 1]")
         _check(0.0 < self.update_topk <= 1.0, "update-topk", "must be in (0, 1]")
         _check(0.0 <= self.downlink_topk <= 1.0, "downlink-topk", "must be in [0, 1] (0: same)")
-        for key, block, least in (
-            ("topk-block", self.topk_block, 1),
-            ("downlink-topk-block", self.downlink_topk_block, 0),
-        ):
-            _check(
-                least <= block <= MAX_BLOCK and not block & (block - 1),
-                key,
-                f"must be a power of two in [1, {MAX_BLOCK}]"
-                + (" (0: as topk-block)" if not least else ""),
-            )
+        _check(
+            1 <= self.topk_block <= MAX_BLOCK and not self.topk_block & (self.topk_block - 1),
+            "topk-block",
+            f"must be a power of two in [1, {MAX_BLOCK}]",
+        )
         _check(
             self.lowbit_scales == "float16"
             or bool(_LOWBIT.intersection((self.quant, self._downlink_quant()))),
@@ -365,7 +359,7 @@ class RunConfig:
             entropy=self.entropy,
             topk=self.downlink_topk or self.update_topk,
             topk_scope=self.topk_scope,
-            topk_block=self.downlink_topk_block or self.topk_block,
+            topk_block=self.topk_block,
             container=self.container,
             scales=self._scales(self._downlink_quant()),
         )

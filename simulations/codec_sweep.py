@@ -67,9 +67,6 @@ CODEC_ROWS: tuple[Row, ...] = (
     _row("tern-b8-up0.20-down0.12", "ternary", 0.20, 0.12, topk_block=8),
     _row("tern-b8-up0.16-down0.12", "ternary", 0.16, 0.12, topk_block=8),
     _row("tern-b16-up0.25-down0.15", "ternary", 0.25, 0.15, topk_block=16),
-    _row("tern-up0.05-b8down0.12", "ternary", 0.05, 0.12, downlink_topk_block=8),
-    _row("tern-up0.04-b8down0.12", "ternary", 0.04, 0.12, downlink_topk_block=8),
-    _row("tern-up0.05-b8down0.10", "ternary", 0.05, 0.10, downlink_topk_block=8),
     _row("tern-up0.04-down0.03-model", "ternary", 0.04, 0.03, topk_scope="model"),
     _row("tern-up0.05-down0.025-model", "ternary", 0.05, 0.025, topk_scope="model"),
     _row(

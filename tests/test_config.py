@@ -49,7 +49,6 @@ def test_ints_are_accepted_as_floats() -> None:
         ({"topk-scope": "layer"}, "topk-scope"),
         ({"topk-block": 3}, "topk-block"),
         ({"topk-block": 0}, "topk-block"),
-        ({"downlink-topk-block": 6}, "downlink-topk-block"),
         ({"distill-temperature": 0.0}, "distill-temperature"),
         ({"distill-alpha": -0.5}, "distill-alpha"),
         ({"distill-beta": -0.5}, "distill-beta"),
@@ -84,8 +83,6 @@ def test_topk_scope_reaches_both_update_codecs() -> None:
     assert RunConfig().update_codec().topk_scope == "tensor"
     blocks = RunConfig.from_mapping({"update-topk": 0.05, "topk-block": 4})
     assert blocks.update_codec().topk_block == blocks.downlink_update_codec().topk_block == 4
-    down = RunConfig.from_mapping({"update-topk": 0.05, "downlink-topk-block": 8})
-    assert (down.update_codec().topk_block, down.downlink_update_codec().topk_block) == (1, 8)
 
 
 def test_fedavg_baseline_is_dense() -> None:
