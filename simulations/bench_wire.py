@@ -248,6 +248,7 @@ def wire_bench(
     workdir: str | Path | None = None,
     timeout_s: float = 1800.0,
     node_env: Mapping[str, str] | None = None,
+    keep_alive_s: float | None = None,
 ) -> dict[str, Any]:
     """Run the wire bench; return every figure (see the module docstring).
 
@@ -269,6 +270,9 @@ def wire_bench(
         Limit per ``flwr run``.
     node_env : Mapping[str, str], optional
         Extra environment of the SuperNodes (e.g. Flower's ``FLWR_PRIVATE_MAX_CONCURRENT_OBJ_*``).
+    keep_alive_s : float, optional
+        Keep idle HTTP connections this long on both ends (:mod:`simulations.deploy.keepalive`;
+        default: Flower's 5 s).
 
     Returns
     -------
@@ -289,7 +293,15 @@ def wire_bench(
     with tempfile.TemporaryDirectory(prefix="fedprune-wire-") as tmp:
         work = Path(workdir) if workdir is not None else Path(tmp)
         report = _measure(
-            scenario, rows, rounds, nodes, idle_s, work, timeout_s, dict(node_env or {})
+            scenario,
+            rows,
+            rounds,
+            nodes,
+            idle_s,
+            work,
+            timeout_s,
+            dict(node_env or {}),
+            keep_alive_s,
         )
     report["fab"] = {"bytes": fab_bytes, "files": fab_files}
     report["setup"] = {
@@ -299,6 +311,7 @@ def wire_bench(
         "idle_s": idle_s,
         "transport": "Flower 1.42 REST (HTTP/1.1 over TLS), SuperNode auth",
         "node_env": dict(node_env or {}),
+        "keep_alive_s": keep_alive_s,
     }
     report["keys"] = headline(report)
     return report
@@ -313,10 +326,11 @@ def _measure(
     work: Path,
     timeout_s: float,
     node_env: dict[str, str],
+    keep_alive_s: float | None,
 ) -> dict[str, Any]:
     report: dict[str, Any] = {"rows": {}}
     relays: list[CountingRelay] = []
-    with Deployment(work, threads=1) as deployment:
+    with Deployment(work, threads=1, keep_alive_s=keep_alive_s) as deployment:
         address = deployment.start_superlink(env={"FLWR_LOG_LEVEL": "DEBUG"})
         host, port = address.rsplit(":", 1)
         keys = [deployment.new_node_key(f"node-{i}") for i in range(nodes)]
@@ -438,7 +452,13 @@ def markdown(report: Mapping[str, Any], command: str) -> str:
         "*Socket* = every byte of the node's TCP connections (TLS, HTTP, polling, heartbeats, "
         "the app bundle); *reported* = `rounds.csv` (the deflated Flower objects of each "
         "message). Steady round = median of rounds 2..R; a node's round runs from one of its "
-        "replies to the next.",
+        "replies to the next. Idle HTTP connections: "
+        + (
+            f"kept {setup['keep_alive_s']:g} s by the client and {setup['keep_alive_s']:g} + "
+            "15 s by the server (`simulations/deploy/keepalive.py`)."
+            if setup.get("keep_alive_s")
+            else "Flower's defaults (closed after 5 s idle, both ends)."
+        ),
         "",
         "| row | final acc | socket / round | reported / round | socket ratio | reported ratio "
         "| socket / run | reported / run | run socket ratio | run reported ratio |",
@@ -565,6 +585,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--node-env", action="append", default=[], help="KEY=VALUE for the SuperNodes (repeatable)"
     )
+    parser.add_argument(
+        "--keep-alive",
+        type=float,
+        help="keep idle HTTP connections this many seconds on both ends (default: Flower's 5 s)",
+    )
     args = parser.parse_args(argv)
     report = wire_bench(
         scenario=args.scenario,
@@ -574,6 +599,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         idle_s=args.idle,
         workdir=args.workdir,
         node_env=dict(pair.split("=", 1) for pair in args.node_env),
+        keep_alive_s=args.keep_alive,
     )
     command = " ".join(
         ["python -m simulations.bench_wire", *(sys.argv[1:] if argv is None else argv)]

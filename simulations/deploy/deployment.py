@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from simulations.deploy import keepalive
 from simulations.deploy.common import (
     DEMO_WORKDIR,
     PROJECT_ROOT,
@@ -54,6 +55,9 @@ class Deployment:
         Seconds between SIGTERM and SIGKILL when stopping.
     echo : bool
         Copy the ``flwr run`` log stream to stderr.
+    keep_alive_s : float, optional
+        Run the SuperLink and SuperNodes through :mod:`simulations.deploy.keepalive`: idle
+        HTTP connections are kept this long (default: Flower's 5 s).
     """
 
     def __init__(
@@ -66,8 +70,10 @@ class Deployment:
         tag: str | None = None,
         grace_s: float = 10.0,
         echo: bool = False,
+        keep_alive_s: float | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
+        self.keep_alive_s = keep_alive_s
         self.host = host
         self.connection = connection
         self.threads = threads
@@ -135,7 +141,10 @@ class Deployment:
         port = port or free_port(self.host)
         process = self.processes.start(
             "superlink",
-            superlink_command(self.certs, host=self.host, port=port, auth=auth),
+            keepalive.command(
+                superlink_command(self.certs, host=self.host, port=port, auth=auth),
+                self.keep_alive_s,
+            ),
             log=self.logs / "superlink.log",
             env=self.env(env),
             cwd=self.workdir,
@@ -220,6 +229,7 @@ class Deployment:
             max_retries=max_retries,
         )
         extra = node_env(threads=self.threads, data_dir=data_dir) | dict(env or {})
+        argv = keepalive.command(argv, self.keep_alive_s)
         process = self.processes.start(name, argv, log=log, env=self.env(extra), cwd=self.workdir)
         try:
             node_id = wait_for_supernode(process, log, timeout_s=timeout_s)
