@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from boundary import keepalive
 from simulations.codec_sweep import rows_of
 from simulations.deploy import PROJECT_ROOT, Deployment, RunResult
 from simulations.deploy.relay import CountingRelay, Traffic
@@ -248,7 +249,7 @@ def wire_bench(
     workdir: str | Path | None = None,
     timeout_s: float = 1800.0,
     node_env: Mapping[str, str] | None = None,
-    keep_alive_s: float | None = None,
+    keep_alive_s: float | None = keepalive.DEFAULT_KEEP_ALIVE_S,
 ) -> dict[str, Any]:
     """Run the wire bench; return every figure (see the module docstring).
 
@@ -271,8 +272,8 @@ def wire_bench(
     node_env : Mapping[str, str], optional
         Extra environment of the SuperNodes (e.g. Flower's ``FLWR_PRIVATE_MAX_CONCURRENT_OBJ_*``).
     keep_alive_s : float, optional
-        Keep idle HTTP connections this long on both ends (:mod:`simulations.deploy.keepalive`;
-        default: Flower's 5 s).
+        Keep idle HTTP connections this long on both ends (:mod:`boundary.keepalive`, the
+        deployment's default; ``None``: Flower's 5 s).
 
     Returns
     -------
@@ -455,7 +456,7 @@ def markdown(report: Mapping[str, Any], command: str) -> str:
         "replies to the next. Idle HTTP connections: "
         + (
             f"kept {setup['keep_alive_s']:g} s by the client and {setup['keep_alive_s']:g} + "
-            "15 s by the server (`simulations/deploy/keepalive.py`)."
+            "15 s by the server (`boundary/keepalive.py`)."
             if setup.get("keep_alive_s")
             else "Flower's defaults (closed after 5 s idle, both ends)."
         ),
@@ -588,7 +589,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--keep-alive",
         type=float,
-        help="keep idle HTTP connections this many seconds on both ends (default: Flower's 5 s)",
+        default=keepalive.DEFAULT_KEEP_ALIVE_S,
+        help="keep idle HTTP connections this many seconds on both ends (0: Flower's 5 s)",
     )
     args = parser.parse_args(argv)
     report = wire_bench(
@@ -599,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         idle_s=args.idle,
         workdir=args.workdir,
         node_env=dict(pair.split("=", 1) for pair in args.node_env),
-        keep_alive_s=args.keep_alive,
+        keep_alive_s=args.keep_alive or None,
     )
     command = " ".join(
         ["python -m simulations.bench_wire", *(sys.argv[1:] if argv is None else argv)]

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from simulations.deploy import keepalive
+from boundary import keepalive
 
 PROBE = """
-from simulations.deploy.keepalive import keep_alive
+from boundary.keepalive import keep_alive
 keep_alive(30)
 import uvicorn
 from flwr.supercore.protobuf.client import ProtobufClient
@@ -31,7 +31,7 @@ def test_command_by_hand() -> None:
     assert keepalive.command(argv, 60) == [
         sys.executable,
         "-m",
-        "simulations.deploy.keepalive",
+        "boundary.keepalive",
         "60",
         "flower-supernode",
         "--superlink",
@@ -39,8 +39,9 @@ def test_command_by_hand() -> None:
     ]
     with pytest.raises(ValueError, match="not a command this launcher runs"):
         keepalive.command(["flwr", "run"], 60)
+    assert keepalive.command(argv, 0) == argv  # 0: Flower's defaults
     with pytest.raises(ValueError, match="must be > 0"):
-        keepalive.command(argv, 0)
+        keepalive.command(argv, -1)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
+from boundary import keepalive
 from simulations.deploy.common import (
     COMPLETED,
     DEMO_WORKDIR,
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--database", type=Path, help="SQLite state file (default: in memory)")
     p.add_argument("--no-auth", action="store_true", help="accept any SuperNode (TLS only)")
     p.add_argument("--threads", type=int, help="CPU threads of the ServerApp")
+    _add_keep_alive(p)
     p.set_defaults(func=_superlink)
 
     p = commands.add_parser("register", help="register SuperNode public keys")
@@ -92,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-partitions", type=int, required=True)
     p.add_argument("--data-dir", type=Path, help="data location")
     p.add_argument("--threads", type=int, help="CPU threads for training")
+    _add_keep_alive(p)
     p.add_argument("--port", type=int, default=9094, help="local Runtime API port (loopback)")
     p.add_argument("--max-retries", type=int)
     p.set_defaults(func=_supernode)
@@ -199,6 +202,15 @@ def _connection(args: argparse.Namespace, processes: Processes) -> int:
     return 0
 
 
+def _add_keep_alive(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep-alive",
+        type=float,
+        default=keepalive.DEFAULT_KEEP_ALIVE_S,
+        help="keep idle HTTP connections this many seconds (boundary.keepalive; 0: Flower's 5 s)",
+    )
+
+
 def _superlink(args: argparse.Namespace, processes: Processes) -> int:
     certs = CertPaths(
         ca_cert=args.certs / "ca.crt",
@@ -206,8 +218,11 @@ def _superlink(args: argparse.Namespace, processes: Processes) -> int:
         server_cert=args.certs / "server.pem",
         server_key=args.certs / "server.key",
     )
-    argv = superlink_command(
-        certs, host=args.host, port=args.port, auth=not args.no_auth, database=args.database
+    argv = keepalive.command(
+        superlink_command(
+            certs, host=args.host, port=args.port, auth=not args.no_auth, database=args.database
+        ),
+        args.keep_alive,
     )
     env = {**flwr_env(flwr_home()), **node_env(threads=args.threads)}
     return _foreground(processes, "superlink", argv, env)
@@ -233,6 +248,7 @@ def _supernode(args: argparse.Namespace, processes: Processes) -> int:
         port=args.port,
         max_retries=args.max_retries,
     )
+    argv = keepalive.command(argv, args.keep_alive)
     env = {**flwr_env(flwr_home()), **node_env(threads=args.threads, data_dir=args.data_dir)}
     return _foreground(processes, "supernode", argv, env)
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from simulations.deploy import keepalive
+from boundary import keepalive
 from simulations.deploy.common import (
     DEMO_WORKDIR,
     PROJECT_ROOT,
@@ -56,8 +56,8 @@ class Deployment:
     echo : bool
         Copy the ``flwr run`` log stream to stderr.
     keep_alive_s : float, optional
-        Run the SuperLink and SuperNodes through :mod:`simulations.deploy.keepalive`: idle
-        HTTP connections are kept this long (default: Flower's 5 s).
+        Run the SuperLink and SuperNodes through :mod:`boundary.keepalive`: idle HTTP
+        connections are kept this long (``None``: Flower's 5 s).
     """
 
     def __init__(
@@ -70,7 +70,7 @@ class Deployment:
         tag: str | None = None,
         grace_s: float = 10.0,
         echo: bool = False,
-        keep_alive_s: float | None = None,
+        keep_alive_s: float | None = keepalive.DEFAULT_KEEP_ALIVE_S,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.keep_alive_s = keep_alive_s

@@ -1,6 +1,6 @@
 """Run ``flower-superlink`` or ``flower-supernode`` with idle HTTP connections kept open longer.
 
-    python -m simulations.deploy.keepalive 60 flower-supernode --superlink host:9093 ...
+    python -m boundary.keepalive 60 flower-supernode --superlink host:9093 ...
 
 Flower 1.42's SuperLink serves its HTTPS API with uvicorn and its SuperNode talks to it with an
 ``httpx.Client``; both close an idle keep-alive connection after 5 s (the two libraries'
@@ -27,6 +27,8 @@ ENTRY_POINTS: Final = {
     "flower-supernode": ("flwr.supernode.cli", "flower_supernode"),
 }
 """Flower's console scripts this launcher runs (module, function), as in its entry points."""
+DEFAULT_KEEP_ALIVE_S: Final = 60.0
+"""The deployment's client keep-alive (seconds): longer than a round's training on a Pi."""
 SERVER_MARGIN_S: Final = 15
 """How much longer the server keeps an idle connection than the client does."""
 
@@ -73,14 +75,15 @@ def command(argv: Sequence[str], seconds: float | None) -> list[str]:
     argv : sequence of str
         ``flower-superlink`` or ``flower-supernode`` (by path or name) and its arguments.
     seconds : float or None
-        The client's keep-alive (see :func:`keep_alive`); ``None`` keeps Flower's defaults.
+        The client's keep-alive (see :func:`keep_alive`); ``None`` or ``0`` keeps Flower's
+        defaults.
 
     Returns
     -------
     list of str
         The command line, run by this interpreter.
     """
-    if seconds is None:
+    if not seconds:
         return list(argv)
     name = Path(argv[0]).name
     if name not in ENTRY_POINTS:
@@ -95,8 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 2 or args[1] not in ENTRY_POINTS:
         sys.exit(
-            "usage: python -m simulations.deploy.keepalive SECONDS "
-            f"{{{','.join(ENTRY_POINTS)}}} [ARGS...]"
+            f"usage: python -m boundary.keepalive SECONDS {{{','.join(ENTRY_POINTS)}}} [ARGS...]"
         )
     try:
         seconds = float(args[0])
