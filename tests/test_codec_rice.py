@@ -19,9 +19,11 @@ from fedprune.codec.rice import (
     rice_encode,
     rice_k,
     rice_max_bytes,
+    rice_plan,
     rice_rows_decode,
     rice_rows_encode,
     rice_rows_max_bytes,
+    rice_rows_plan,
     row_segments,
 )
 from fedprune.masks import topk_flat
@@ -67,6 +69,7 @@ def test_rice_round_trip(segments: list[np.ndarray]) -> None:
     bits = np.concatenate(segments) if segments else np.zeros(0, bool)
     stream = rice_encode(bits, counts)
     assert stream.size <= rice_max_bytes(counts)
+    assert rice_plan(bits, counts).nbytes == stream.size  # what the entropy stage compares
     np.testing.assert_array_equal(rice_decode("s", stream, counts), np.flatnonzero(bits))
 
 
@@ -207,22 +210,28 @@ def test_rice_rows_round_trip(case: tuple[np.ndarray, list[tuple[int, int, int]]
     bits, segments = case
     stream = rice_rows_encode(bits, segments)
     assert stream.size <= rice_rows_max_bytes(segments)
+    assert rice_rows_plan(bits, segments).nbytes == stream.size
     np.testing.assert_array_equal(rice_rows_decode("s", stream, segments), np.flatnonzero(bits))
+
+
+def _k_by_integers(n_ones: int, n_bits: int) -> int:
+    """``floor(log2(mean gap))`` with Python's exact integers (0 where there is no gap)."""
+    if n_ones <= 0 or n_ones >= n_bits:
+        return 0
+    return max(0, ((n_bits - n_ones) // n_ones).bit_length() - 1)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.integers(0, 2**60), st.integers(0, 2**60))
-def test_rice_k_of_many_segments_equals_rice_k(a: int, b: int) -> None:
+def test_rice_k_is_exact_next_to_powers_of_two(a: int, b: int) -> None:
+    """The vectorised parameter (float log2, corrected) equals the exact integer one."""
     n, size = min(a, b), max(a, b)
-    for pair in (
-        (n, size),
-        (1, size),
-        (n, n + 1),
-        (1, 1 << (size % 60)),
-        (1, (1 << (size % 60)) + 1),
-    ):
-        got = _rice_k_array(np.array([pair[0]], np.int64), np.array([pair[1]], np.int64))
-        assert int(got[0]) == rice_k(*pair), pair
+    pairs = [(n, size), (1, size), (n, n + 1), (1, 1 << (size % 60)), (1, (1 << (size % 60)) + 1)]
+    pairs += [(1, (1 << (size % 60)) + 2), (3, 3 * (1 << (size % 58)) + 2)]
+    ones = np.array([p[0] for p in pairs], np.int64)
+    bits = np.array([p[1] for p in pairs], np.int64)
+    assert _rice_k_array(ones, bits).tolist() == [_k_by_integers(*p) for p in pairs]
+    assert [rice_k(*p) for p in pairs] == [_k_by_integers(*p) for p in pairs]
 
 
 def test_rice_rows_beats_one_segment_on_rows_of_unequal_density() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedprune.codec.format import ZLIB_LEVEL, _label
-from fedprune.codec.rice import rice_encode, rice_rows_encode, row_segments
+from fedprune.codec.rice import RicePlan, rice_plan, rice_rows_plan, row_segments
 from fedprune.codec.wire import _array_wire_bytes
 
 
@@ -47,21 +47,28 @@ def _smallest_positions(
     ``"zlib"``, ``"rice"`` or ``"rice-rows"`` (one Rice segment per row, the row counts first).
     zlib at level 6 is slow on sparse bitmaps (long match chains of zero bytes), so it runs only
     where the fast level 1 already beats the Rice code, i.e. where the positions have structure
-    that gap coding does not see (whole rows never selected, ...).
+    that gap coding does not see (whole rows never selected, ...). Each Rice code is sized from
+    its plan, and only the smallest is written.
     """
     flat = np.unpackbits(bits, count=n_bits).view(np.bool_)
-    rice = rice_encode(flat, counts)
-    options: list[tuple[int, int, NDArray[np.uint8], str]] = [
-        (_array_wire_bytes(bits), 0, bits, "raw"),
-        (_array_wire_bytes(rice), 2, rice, "rice"),
-    ]
+    plans: dict[str, RicePlan] = {"rice": rice_plan(flat, counts)}
     if any(r > 1 for r in rows):
-        per_row = rice_rows_encode(flat, row_segments(counts, rows))
-        options.append((_array_wire_bytes(per_row), 3, per_row, "rice-rows"))
+        plans["rice-rows"] = rice_rows_plan(flat, row_segments(counts, rows))
+    options: list[tuple[int, int, str]] = [(_array_wire_bytes(bits), 0, "raw")]
+    options += [
+        (_array_wire_bytes(np.empty(plan.nbytes, np.uint8)), 2 + i, kind)
+        for i, (kind, plan) in enumerate(plans.items())
+    ]
     fast = zlib.compress(np.ascontiguousarray(bits).data, 1)
-    if len(fast) < rice.size:
+    packed = None
+    if len(fast) < plans["rice"].nbytes:
         packed, compressed = _maybe_deflate(bits)
         if compressed:
-            options.append((_array_wire_bytes(packed), 1, packed, "zlib"))
-    _, _, stream, kind = min(options, key=lambda option: option[:2])
-    return stream, kind
+            options.append((_array_wire_bytes(packed), 1, "zlib"))
+    _, _, kind = min(options)
+    if kind == "raw":
+        return bits, kind
+    if kind == "zlib":
+        assert packed is not None
+        return packed, kind
+    return plans[kind].stream(), kind
