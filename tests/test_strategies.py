@@ -100,6 +100,14 @@ def test_replies_are_decoded_and_reconstructed_before_averaging() -> None:
     assert metrics[keys.NUM_REJECTED] == 0
 
 
+@pytest.mark.parametrize(
+    "update",
+    [
+        codec.CodecConfig(quant="int8-channel", topk=0.5),
+        codec.CodecConfig(quant="ternary", topk=0.5, topk_scope="model", topk_block=2),
+    ],
+    ids=["int8-tensor-topk", "ternary-model-topk-blocks"],
+)
 @pytest.mark.parametrize("prunes", [True, False], ids=["pruning", "dense"])
 @pytest.mark.parametrize(
     "make",
@@ -107,18 +115,18 @@ def test_replies_are_decoded_and_reconstructed_before_averaging() -> None:
     ids=["fedavg", "fedavgm", "fedadam"],
 )
 def test_the_weighted_mean_path_equals_aggregating_every_model(
-    make: Callable[[], Strategy], prunes: bool
+    make: Callable[[], Strategy], prunes: bool, update: codec.CodecConfig
 ) -> None:
     """Summing sparse updates into one mean reply == the inner strategy averaging N models.
 
     With pruning on (the default configuration), the server scores each client's model itself
-    in round 1 and prunes ``w`` to half; round 2's replies are deltas under that mask.
+    in round 1 and prunes ``w`` to half; round 2's replies are deltas under that mask (top-k by
+    blocks over the mask's candidates, ranked across tensors, in the second codec).
     """
     fast = make()
     general = type("Subclass", (type(fast),), {})()  # a subclass: every model goes to the inner
     general.__dict__.update(make().__dict__)
     assert aggregates_weighted_mean(fast) and not aggregates_weighted_mean(general)
-    update = codec.CodecConfig(quant="int8-channel", topk=0.5)
     results = []
     masks = []
     for inner in (fast, general):
@@ -318,7 +326,14 @@ def test_records_round_trip_keeps_shapes_dtypes_and_order() -> None:
         np.testing.assert_array_equal(back[name], a)
 
 
-def test_delta_downlink_keeps_every_node_on_the_servers_reference() -> None:
+@pytest.mark.parametrize(
+    "selection",
+    [{}, {"topk_scope": "model", "topk_block": 2}],
+    ids=["tensor-topk", "model-topk-blocks"],
+)
+def test_delta_downlink_keeps_every_node_on_the_servers_reference(
+    selection: dict[str, object],
+) -> None:
     """Node 1 trains every round, node 2 joins in round 3 (full weights) and gets deltas after.
 
     Delta receivers hold the server's reference bit for bit; a node sent full weights in a round
@@ -330,7 +345,7 @@ def test_delta_downlink_keeps_every_node_on_the_servers_reference() -> None:
     from clients.client_app import receive
     from fedprune.config import RunConfig
 
-    cfg = RunConfig(update_topk=0.25, delta_downlink=True)
+    cfg = RunConfig(update_topk=0.25, delta_downlink=True, **selection)  # type: ignore[arg-type]
     encoder = Downlink(cfg.codec(), update_codec=cfg.update_codec(), delta_downlink=True)
     contexts = {n: Context(1, n, {}, RecordDict(), {}) for n in (1, 2)}
     rng = np.random.default_rng(5)
