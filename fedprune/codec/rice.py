@@ -161,7 +161,8 @@ def _read_gaps(
     return (q << k) | r, n_bytes
 
 
-def _check_stream(label: str, stream: object) -> NDArray[np.uint8]:
+def _rice_stream(label: str, stream: object) -> NDArray[np.uint8]:
+    """Return ``stream`` if it is a 1-D uint8 array (what a Rice code travels as)."""
     if not isinstance(stream, np.ndarray) or stream.dtype != np.uint8 or stream.ndim != 1:
         raise ValueError(f"{label} is flagged Rice-coded but is not a 1-D uint8 array")
     return stream
@@ -253,7 +254,7 @@ def rice_decode(label: str, stream: np.ndarray, counts: list[tuple[int, int]]) -
         before every position is read, has set padding bits or trailing bytes, or places a
         position past the end of its segment.
     """
-    stream = _check_stream(label, stream)
+    stream = _rice_stream(label, stream)
     if stream.size > rice_max_bytes(counts):
         raise ValueError(
             f"{label}: Rice stream of {stream.size} B is longer than its counts allow "
@@ -397,7 +398,7 @@ def rice_rows_decode(
         :func:`rice_rows_max_bytes`, and row counts that do not sum to their segment's count or
         exceed their row.
     """
-    stream = _check_stream(label, stream)
+    stream = _rice_stream(label, stream)
     limit = rice_rows_max_bytes(segments)
     if stream.size > limit:
         raise ValueError(
