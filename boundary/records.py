@@ -12,15 +12,40 @@ from typing import Any, TypeVar
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
+from fedprune import codec
+
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Wrap ``arrays`` in an ``ArrayRecord``, keeping key order."""
+    """Wrap ``arrays`` in an ``ArrayRecord`` of npy arrays, keeping key order.
+
+    For anything Flower itself reads (models its strategies average, state); a codec payload
+    goes through :func:`payload_record`.
+    """
     return ArrayRecord({name: Array(np.require(a, requirements="C")) for name, a in arrays.items()})
 
 
+def payload_record(payload: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Wrap a codec payload in an ``ArrayRecord`` of raw arrays (no npy header).
+
+    See :mod:`fedprune.codec.raw`; :func:`fedprune.codec.wire_size` is this record's size.
+    """
+    arrays = {}
+    for name, a in payload.items():
+        dtype, shape, data = codec.raw_fields(a)
+        arrays[name] = Array(dtype=dtype, shape=shape, stype=codec.STYPE_RAW, data=data)
+    return ArrayRecord(arrays)
+
+
+def _numpy(array: Array) -> np.ndarray:
+    """Return the numpy array of an npy or raw ``Array`` (a raw one as a read-only view)."""
+    if array.stype == codec.STYPE_RAW:
+        return codec.from_raw(array.dtype, array.shape, array.data)
+    return array.numpy()
+
+
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Return the arrays of ``record`` as numpy arrays, keeping key order."""
-    return {name: array.numpy() for name, array in record.items()}
+    """Return the arrays of ``record`` (npy or raw) as numpy arrays, in key order."""
+    return {name: _numpy(array) for name, array in record.items()}
 
 
 _Scalar = TypeVar("_Scalar", int, float, str)

@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from boundary.install import install_guard_mod
-from boundary.records import from_record, scalar, to_record
+from boundary.records import from_record, payload_record, scalar, to_record
 from fedprune import codec, keys, task
 from fedprune.checkpoint import (
     clear_round_states,
@@ -301,7 +301,7 @@ def encode_update(
     payload = codec.encode(delta, codec_config, masks=masks, send_masks=False)
     if error_feedback:
         context.state[keys.STATE_RESIDUAL] = to_record(codec.residual(delta, payload, masks=masks))
-    return to_record(payload)
+    return payload_record(payload)
 
 
 def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -381,7 +381,7 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             vote_payload = codec.encode(ballot, VOTE_CODEC, masks=masks, send_masks=False)
         else:
             vote_payload = {name: codec.pack_mask(m) for name, m in ballot.items()}
-        content[keys.MASK_VOTE] = to_record(vote_payload)
+        content[keys.MASK_VOTE] = payload_record(vote_payload)
     if cfg.checkpoint:
         directory = client_state_dir(cfg.results_dir, cfg.run_name, partition_id)
         save_round_state(directory, server_round, _node_state(context))

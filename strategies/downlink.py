@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from boundary.records import to_record
+from boundary.records import payload_record
 from fedprune import codec, keys
 from strategies.state import RoundState
 
@@ -117,7 +117,7 @@ class Downlink:
         # once), only to nodes without the current version; payloads then carry no mask bits.
         channel_bits: ArrayRecord | None = None
         if masks is not None and state.channels is not None:
-            channel_bits = to_record(state.channels.wire_mask(masks))
+            channel_bits = payload_record(state.channels.wire_mask(masks))
         holds_ref = {
             node: base is not None and self._node_ref_version.get(node) == self._ref_version
             for node in sends_mask
@@ -161,7 +161,7 @@ class Downlink:
                         send_masks=send_masks and channel_bits is None,
                     )
                     weights_payload = payload
-                records[kind, send_masks] = to_record(payload)
+                records[kind, send_masks] = payload_record(payload)
             return records[kind, send_masks]
 
         out: list[Message] = []

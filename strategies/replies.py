@@ -104,27 +104,32 @@ class EvaluateReply:
 
 
 def read_array(array: Array, *, max_bytes: int) -> np.ndarray:
-    """Return the numpy array in ``array``, refusing anything that is not a plain npy buffer.
+    """Return the numpy array in ``array``, refusing anything but a plain npy or raw buffer.
 
-    The npy header is parsed and checked *before* anything is allocated: its dtype must be a
-    plain numeric one, its declared size must equal the bytes actually present, and those
-    bytes may not exceed ``max_bytes``. The result is a read-only view of the received bytes.
+    A raw array (:mod:`fedprune.codec.raw`, how payloads travel) is read by
+    :func:`fedprune.codec.from_raw`. An npy header is parsed and checked *before* anything is
+    allocated. Either way the dtype must be a plain numeric one, the declared size must equal
+    the bytes actually present, and those bytes may not exceed ``max_bytes``. The result is a
+    read-only view of the received bytes.
 
     Raises
     ------
     ValueError
-        If the serialization type is not numpy, the header is malformed, declares another size
-        than the bytes sent, or a dtype/shape other than the ``Array``'s own fields.
+        If the serialization type is neither numpy nor raw, the header or raw fields are
+        malformed, declare another size than the bytes sent, or (npy) a dtype/shape other than
+        the ``Array``'s own fields.
     """
     if not isinstance(array, Array):
         raise ValueError(f"expected an Array, got {type(array).__name__}")
-    if array.stype != "numpy.ndarray":
-        raise ValueError(f"serialization type {array.stype!r} is not numpy")
+    if array.stype not in ("numpy.ndarray", codec.STYPE_RAW):
+        raise ValueError(f"serialization type {array.stype!r} is neither numpy nor raw")
     data = array.data
     if not isinstance(data, bytes):
         raise ValueError("array data is not bytes")
     if len(data) > max_bytes:
         raise ValueError(f"array of {len(data)} B exceeds the cap of {max_bytes} B")
+    if array.stype == codec.STYPE_RAW:
+        return codec.from_raw(array.dtype, array.shape, data)
     stream = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(stream)

@@ -1,8 +1,9 @@
 """codec.wire_size against Flower 1.42's real serialization (the one codec test importing flwr).
 
 Findings pinned here: ``ArrayRecord`` does not accept a ``dict[str, np.ndarray]`` (only
-``dict[str, Array]``, a list of ndarrays or a torch ``state_dict``), so a payload is wrapped as
-``ArrayRecord({k: Array(v) for k, v in payload.items()})``; the record keeps key order.
+``dict[str, Array]``, a list of ndarrays or a torch ``state_dict``), so a payload is wrapped
+by ``boundary.records.payload_record`` as raw ``Array`` objects (no npy header); the record
+keeps key order, and an empty raw array (no chunk) survives Flower's serialization.
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ from __future__ import annotations
 import flwr.app.message.array as flwr_array
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
+from boundary.records import from_record, payload_record
 from fedprune import codec
 from fedprune.codec import CodecConfig
 
-
-def to_record(payload: codec.Payload) -> ArrayRecord:
-    return ArrayRecord({key: Array(value) for key, value in payload.items()})
+to_record = payload_record
 
 
 def flower_contents(payload: codec.Payload) -> tuple[str, dict[str, bytes]]:
@@ -38,7 +38,7 @@ def through_flower(payload: codec.Payload) -> dict[str, np.ndarray]:
     root, contents = flower_contents(payload)
     record = inflate_object_from_contents(root, contents, keep_object_contents=True)
     assert isinstance(record, ArrayRecord)
-    return {key: array.numpy() for key, array in record.items()}
+    return from_record(record)
 
 
 def _model(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -129,10 +129,10 @@ def _payloads() -> dict[str, codec.Payload]:
         "raw model": model,
         "duplicate arrays": {"a": np.arange(7, dtype=np.int64), "b": np.arange(7, dtype=np.int64)},
         "odd arrays": {
-            "fortran": np.asfortranarray(rng.standard_normal((5, 7))),
-            "strided": np.arange(40, dtype=np.int16)[::3],
-            "bool": rng.random((3, 5)) < 0.5,
-            "bytes": np.array([b"ab", b"c"]),
+            "fortran": np.asfortranarray(rng.standard_normal((5, 7)).astype(np.float32)),
+            "strided": np.arange(40, dtype=np.int32)[::3],
+            "big-endian": np.arange(6, dtype=">i8").reshape(2, 3),
+            "float16": np.ones(3, np.float16),
             'unicode name \u00e9"': np.ones(2, np.uint8),
         },
     }
@@ -156,7 +156,7 @@ def test_payload_survives_flower_serialization(name: str) -> None:
     back = through_flower(payload)
     assert list(back) == list(payload)  # the record keeps key order
     for key, value in payload.items():
-        assert back[key].dtype == value.dtype, key
+        assert back[key].dtype == value.dtype.newbyteorder("<"), key  # raw bytes: little-endian
         assert back[key].shape == value.shape, key
         np.testing.assert_array_equal(back[key], value)
     if name in NOT_CODEC:
@@ -173,6 +173,31 @@ def test_payload_survives_flower_serialization(name: str) -> None:
         np.testing.assert_array_equal(got[key], expected[key])
 
 
+def test_raw_arrays_refuse_other_dtypes() -> None:
+    for odd in (np.ones(2, np.float64), np.ones(2, bool), np.array([b"ab"]), np.ones(2, np.int16)):
+        with pytest.raises(ValueError, match="cannot travel as a raw array"):
+            codec.wire_size({"x": odd})
+        with pytest.raises(ValueError, match="cannot travel as a raw array"):
+            payload_record({"x": odd})
+
+
+def test_from_raw_refuses_malformed_fields() -> None:
+    assert codec.from_raw("int32", (2,), bytes(8)).tolist() == [0, 0]
+    for dtype, shape, data, match in (
+        ("float64", (1,), bytes(8), "dtype 'float64' not accepted"),
+        ("object", (1,), bytes(8), "not accepted"),
+        (3, (1,), bytes(8), "not accepted"),
+        ("uint8", (-1,), b"", "non-negative ints"),
+        ("uint8", (True,), b"", "non-negative ints"),
+        ("uint8", "3", b"abc", "non-negative ints"),
+        ("uint8", (3,), "abc", "not bytes"),
+        ("int32", (2,), bytes(7), r"declares \[2\] int32 \(8 B\) but 7 B"),
+        ("uint8", (2**40,), bytes(16), "but 16 B were sent"),  # nothing allocated
+    ):
+        with pytest.raises(ValueError, match=match):
+            codec.from_raw(dtype, shape, data)
+
+
 def test_array_record_needs_array_values() -> None:
     with pytest.raises(TypeError):
         ArrayRecord({"a": np.ones(3, np.float32)})
@@ -187,8 +212,8 @@ def test_multi_chunk_arrays_with_small_chunks(monkeypatch: pytest.MonkeyPatch) -
         {"zeros": np.zeros(1000, np.float32), "zeros_too": np.zeros(1100, np.float32)},
         {"a": np.zeros(1000, np.float32), "b": np.zeros(1000, np.float32)},  # identical arrays
         {"r": rng.standard_normal(700).astype(np.float32), "t": np.ones(64, np.int8)},
-        {"exact": np.zeros(256 - 128, np.uint8)},  # npy bytes exactly one chunk
-        {"exact2": np.zeros(512 - 128, np.uint8), "one": np.zeros(128, np.uint8)},
+        {"exact": np.zeros(256, np.uint8)},  # exactly one chunk
+        {"exact2": np.zeros(512, np.uint8), "one": np.zeros(128, np.uint8)},
         codec.encode(
             {"w": rng.standard_normal((30, 40)).astype(np.float32), "z": np.zeros((50, 50))},
             CodecConfig(),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from boundary.records import to_record
+from boundary.records import from_record, to_record
 from clients.client_app import receive
 from fedprune import codec, keys, task
 from fedprune.codec.container import unpack_blob
@@ -71,7 +71,7 @@ def test_round_one_sends_a_digest_and_nodes_rebuild_the_model(cfg: RunConfig) ->
         config = message.content.config_records[keys.CONFIG]
         assert config[keys.PAYLOAD_KIND] == "delta"  # against the exact initial model
         assert list(message.content.array_records[keys.ARRAYS]) == [codec.KEY_BLOB]
-        blob = message.content.array_records[keys.ARRAYS][codec.KEY_BLOB].numpy()
+        blob = from_record(message.content.array_records[keys.ARRAYS])[codec.KEY_BLOB]
         flags = int(unpack_blob({codec.KEY_BLOB: blob})[codec.KEY_META][1])
         assert bool(flags & codec.FLAG_SCALES_LOG8) == (cfg.lowbit_scales == "log8")
         start, _ = receive(message, contexts[message.metadata.dst_node_id], cfg)

@@ -49,14 +49,17 @@ masked tensor is sent with its bits
 compresses the whole code/value stream and the whole mask stream with zlib and keeps each result
 only when that stream's serialized size shrinks.
 
-:func:`wire_size` reproduces the byte count of Flower 1.42's serialization of the payload's
-``ArrayRecord`` without importing Flower. This module is pure numpy and never imports ``flwr``.
+A payload travels as a Flower ``ArrayRecord`` of *raw* arrays (:mod:`~fedprune.codec.raw`:
+the arrays' bytes without an npy header), and :func:`wire_size` reproduces the byte count of
+Flower 1.42's serialization of that record without importing Flower. This module is pure numpy
+and never imports ``flwr``.
 
 The package's modules: :mod:`~fedprune.codec.format` (keys, flags, :class:`CodecConfig`),
 :mod:`~fedprune.codec.quant` (quantization kernels), :mod:`~fedprune.codec.bits` (bit packing),
 :mod:`~fedprune.codec.entropy` (zlib stage), :mod:`~fedprune.codec.encode`,
 :mod:`~fedprune.codec.decode`, :mod:`~fedprune.codec.sparse` (decoded entries without their
-zeros) and :mod:`~fedprune.codec.wire` (Flower wire size).
+zeros), :mod:`~fedprune.codec.raw` (arrays in a Flower ``Array``) and
+:mod:`~fedprune.codec.wire` (Flower wire size).
 """
 
 from fedprune.codec.bits import pack_mask, unpack_mask
@@ -107,6 +110,7 @@ from fedprune.codec.format import (
     TopkScope,
 )
 from fedprune.codec.quant import dequantize_int8, quantize_int8
+from fedprune.codec.raw import RAW_DTYPES, STYPE_RAW, from_raw, raw_fields
 from fedprune.codec.sparse import SparseTensor
 from fedprune.codec.wire import wire_size
 
@@ -142,7 +146,9 @@ __all__ = [
     "QMAX",
     "QMAX4",
     "QUANT_BITS",
+    "RAW_DTYPES",
     "SELECT_BLOCK_SHIFT",
+    "STYPE_RAW",
     "ZLIB_LEVEL",
     "CodecConfig",
     "Container",
@@ -157,9 +163,11 @@ __all__ = [
     "decode_sparse",
     "dequantize_int8",
     "encode",
+    "from_raw",
     "pack_mask",
     "payload_masks",
     "quantize_int8",
+    "raw_fields",
     "residual",
     "unpack_mask",
     "weights_digest",

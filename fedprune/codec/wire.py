@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections import Counter
@@ -15,39 +14,17 @@ import numpy as np
 
 from fedprune.codec.format import (
     _OBJECT_ID_LEN,
-    _STYPE_NUMPY,
     FLWR_CHUNK_SIZE_ENV,
     FLWR_DEFAULT_CHUNK_SIZE,
 )
+from fedprune.codec.raw import RAW_DTYPES, STYPE_RAW
 
 
-@lru_cache(maxsize=4096)
-def _npy_header(dtype: np.dtype, fortran_order: bool, shape: tuple[int, ...]) -> bytes:
-    """Return the ``np.save`` header of an array (format 1.0, or 2.0 if 1.0 cannot hold it)."""
-    header: dict[str, object] = {
-        "descr": np.lib.format.dtype_to_descr(dtype),
-        "fortran_order": fortran_order,
-        "shape": shape,
-    }
-    buf = io.BytesIO()
-    try:
-        np.lib.format.write_array_header_1_0(buf, header)
-    except ValueError:
-        buf = io.BytesIO()
-        try:
-            np.lib.format.write_array_header_2_0(buf, header)
-        except UnicodeEncodeError as err:
-            raise ValueError(f"dtype {dtype} needs npy format 3.0 (not supported)") from err
-    return buf.getvalue()
-
-
-def _npy_parts(arr: np.ndarray) -> tuple[bytes, np.ndarray]:
-    """Return ``np.save(arr)`` bytes as ``(header, data)``; ``data`` is a flat C-ordered view."""
-    if arr.dtype.hasobject or arr.dtype.kind == "T":
-        raise ValueError(f"dtype {arr.dtype} cannot be serialized without pickle")
-    fortran = bool(arr.flags.f_contiguous and not arr.flags.c_contiguous)
-    data = arr.T if fortran else np.ascontiguousarray(arr)
-    return _npy_header(arr.dtype, fortran, arr.shape), data.reshape(-1)
+def _raw_data(arr: np.ndarray) -> np.ndarray:
+    """Return the bytes a raw ``Array`` of ``arr`` carries (:mod:`fedprune.codec.raw`), flat."""
+    if arr.dtype.name not in RAW_DTYPES:
+        raise ValueError(f"dtype {arr.dtype} cannot travel as a raw array ({sorted(RAW_DTYPES)})")
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).reshape(-1)
 
 
 def _object_bytes(class_name: str, n_children: int, body_len: int) -> int:
@@ -58,7 +35,7 @@ def _object_bytes(class_name: str, n_children: int, body_len: int) -> int:
 
 @lru_cache(maxsize=256)
 def _dtype_name(dtype: np.dtype) -> str:
-    return str(dtype)  # ``Array.dtype``; ``str(dtype)`` is slow (pure Python)
+    return dtype.name  # ``Array.dtype`` of a raw array; ``dtype.name`` is slow (pure Python)
 
 
 @lru_cache(maxsize=4096)
@@ -67,10 +44,11 @@ def _array_object_bytes(dtype: np.dtype, shape: tuple[int, ...], refs: tuple[int
     body = {
         "dtype": _dtype_name(dtype),
         "shape": list(shape),
-        "stype": _STYPE_NUMPY,
+        "stype": STYPE_RAW,
         "arraychunk_ids": list(refs),
     }
-    return _object_bytes("Array", max(refs) + 1, len(json.dumps(body).encode("utf-8")))
+    n_children = max(refs) + 1 if refs else 0  # an empty raw array has no chunk
+    return _object_bytes("Array", n_children, len(json.dumps(body).encode("utf-8")))
 
 
 def _chunk_size(chunk_size: int | None) -> int:
@@ -84,8 +62,7 @@ def _chunk_size(chunk_size: int | None) -> int:
 def _array_wire_bytes(arr: np.ndarray, chunk_size: int | None = None) -> int:
     """Return the serialized size of one ``Array`` and its chunks (chunks assumed distinct)."""
     size = _chunk_size(chunk_size)
-    header, data = _npy_parts(arr)
-    total = len(header) + data.nbytes
+    total = arr.nbytes
     n_chunks = -(-total // size)
     last = total - (n_chunks - 1) * size
     chunk_bytes = (n_chunks - 1) * _object_bytes("ArrayChunk", 0, size)
@@ -97,28 +74,24 @@ _SMALL_CHUNK: Final = 4096
 """Chunks up to this many bytes are compared by content, larger ones by sha256."""
 
 
-def _chunk_key(header: bytes, data: np.ndarray, start: int, end: int) -> object:
-    """Return a key equal for two chunks iff bytes ``[start, end)`` of ``header + data`` are."""
-    hlen = len(header)
-    head = header[start : min(end, hlen)] if start < hlen else b""
-    lo, hi = max(start - hlen, 0), max(end - hlen, 0)
-    body = data.view(np.uint8)[lo:hi]
+def _chunk_key(data: np.ndarray, start: int, end: int) -> object:
+    """Return a key equal for two chunks iff bytes ``[start, end)`` of ``data`` are."""
+    body = data.view(np.uint8)[start:end]
     if end - start <= _SMALL_CHUNK:
-        return (head, body.tobytes())
-    digest = hashlib.sha256(head)
-    digest.update(body.data)  # no copy of the chunk
-    return (end - start, digest.digest())
+        return body.tobytes()
+    return (end - start, hashlib.sha256(body.data).digest())  # no copy of the chunk
 
 
 def wire_size(payload: Mapping[str, np.ndarray], *, chunk_size: int | None = None) -> int:
-    """Exact byte size of Flower 1.42's serialization of ``ArrayRecord(payload)``.
+    r"""Exact byte size of Flower 1.42's serialization of ``payload`` as a record of raw arrays.
 
     Flower sends a message as the unique objects of its tree, each deflated to
     ``f"{ClassName} {child ids} {len(body)}"`` + a NUL byte + ``body`` (child ids are
     comma-joined 64-char sha256 hex digests). Here the tree is one ``ArrayRecord`` (body
     ``json.dumps({name: array_id})``), one ``Array`` per distinct array (body: JSON of dtype,
     shape, stype and chunk indices; children: its distinct chunks) and one ``ArrayChunk`` per
-    distinct slice of ``chunk_size`` bytes of the array's ``np.save`` bytes. Identical objects
+    distinct slice of ``chunk_size`` bytes of the array's raw bytes (:mod:`fedprune.codec.raw`:
+    no npy header). Identical objects
     (equal arrays under different names, repeated chunks such as the zeros of a large tensor)
     count once, as in ``flwr.supercore.inflatable.get_all_nested_objects``. Chunk contents are
     compared (large ones by sha256, as Flower's object ids) only when chunks share a length.
@@ -126,7 +99,7 @@ def wire_size(payload: Mapping[str, np.ndarray], *, chunk_size: int | None = Non
     Parameters
     ----------
     payload : Mapping[str, np.ndarray]
-        Arrays as they would be wrapped with ``Array(ndarray)`` into an ``ArrayRecord``.
+        Arrays as ``boundary.records.payload_record`` wraps them (raw ``Array``\ s).
     chunk_size : int, optional
         Flower's array chunk size; default ``$FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE`` or 5 MiB.
 
@@ -138,17 +111,17 @@ def wire_size(payload: Mapping[str, np.ndarray], *, chunk_size: int | None = Non
     Raises
     ------
     ValueError
-        If a value is not a numpy array that ``np.save`` can write without pickle.
+        If a value is not a numpy array of a dtype in :data:`~fedprune.codec.raw.RAW_DTYPES`.
     """
     size = _chunk_size(chunk_size)
-    parts: list[tuple[np.ndarray, bytes, np.ndarray, int]] = []
+    parts: list[tuple[np.ndarray, np.ndarray, int]] = []
     length_counts: Counter[int] = Counter()
     for key, arr in payload.items():
         if not isinstance(arr, np.ndarray):
             raise ValueError(f"payload key {key!r} must be a numpy array, got {type(arr)}")
-        header, data = _npy_parts(arr)
-        total = len(header) + data.nbytes
-        parts.append((arr, header, data, total))
+        data = _raw_data(arr)
+        total = data.nbytes
+        parts.append((arr, data, total))
         n_full, last = divmod(total, size)
         length_counts[size] += n_full
         if last:
@@ -157,7 +130,7 @@ def wire_size(payload: Mapping[str, np.ndarray], *, chunk_size: int | None = Non
     unique_chunks: set[object] = set()
     unique_arrays: set[object] = set()
     nbytes = 0
-    for i, (arr, header, data, total) in enumerate(parts):
+    for i, (arr, data, total) in enumerate(parts):
         starts = range(0, total, size)
         keys: list[object] = []
         for start in starts:
@@ -165,7 +138,7 @@ def wire_size(payload: Mapping[str, np.ndarray], *, chunk_size: int | None = Non
             if length_counts[end - start] == 1:
                 keys.append((i, start))  # no other chunk has this length: unique content
             else:
-                keys.append(_chunk_key(header, data, start, end))
+                keys.append(_chunk_key(data, start, end))
         array_key = (arr.dtype, arr.shape, tuple(keys))
         if array_key in unique_arrays:
             continue  # the same Array object (same id) under another name
