@@ -1,6 +1,7 @@
 """Issue 14's stream kinds: Rice-coded positions, int4 and ternary codes, the one-array blob."""
 
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -706,6 +707,49 @@ def test_decode_refuses_malformed_log8_scales() -> None:
         codec.decode(pack_blob(dict(streams, scale=streams["scale"][:-2])))
 
 
+def test_scales_deflate_as_byte_planes() -> None:
+    # 200 rows whose float16 steps share their high bytes: the planes deflate, the rows do not.
+    steps = np.float16(1.0) + np.arange(200, dtype=np.float16) * np.float16(2**-10)
+    x = {"w": np.repeat(steps.astype(np.float32)[:, None], 3, axis=1)}
+    x["w"][:, 1] *= -1
+    for scales in ("float16", "log8"):
+        config = CodecConfig(quant="ternary", entropy=True, scales=scales)  # type: ignore[arg-type]
+        payload = codec.encode(x, config)
+        plain = codec.encode(x, CodecConfig(quant="ternary", scales=scales))  # type: ignore[arg-type]
+        assert payload["meta"][1] & codec.FLAG_SCALE_ZLIB
+        assert payload["scale"].dtype == np.uint8
+        assert payload["scale"].nbytes < plain["scale"].nbytes
+        want = np.frombuffer(
+            plain["scale"].astype(plain["scale"].dtype.newbyteorder("<")), np.uint8
+        )
+        planes = want.reshape(-1, plain["scale"].itemsize).T.reshape(-1)
+        assert zlib.decompress(payload["scale"].tobytes()) == planes.tobytes()
+        got, want_dense = codec.decode(payload), codec.decode(plain)
+        for name in x:
+            np.testing.assert_array_equal(got[name], want_dense[name])
+
+
+def test_decode_refuses_malformed_compressed_scales() -> None:
+    x = {"w": np.repeat(np.linspace(1, 2, 200, dtype=np.float32)[:, None], 3, axis=1)}
+    p = codec.encode(x, CodecConfig(quant="ternary", entropy=True))
+    assert p["meta"][1] & codec.FLAG_SCALE_ZLIB
+    with pytest.raises(ValueError, match="'scale': corrupt zlib"):
+        codec.decode(dict(p, scale=p["scale"][::-1].copy()))
+    short = np.frombuffer(zlib.compress(zlib.decompress(p["scale"].tobytes())[:-2]), np.uint8)
+    with pytest.raises(ValueError, match="does not expand"):
+        codec.decode(dict(p, scale=short))
+    longer = np.frombuffer(zlib.compress(zlib.decompress(p["scale"].tobytes()) + b"\0\0"), np.uint8)
+    with pytest.raises(ValueError, match="does not expand"):
+        codec.decode(dict(p, scale=longer))
+    with pytest.raises(ValueError, match="trailing bytes"):
+        codec.decode(dict(p, scale=np.append(p["scale"], np.uint8(0))))
+    with pytest.raises(ValueError, match="1-D float16"):  # compressed bytes read as steps
+        codec.decode(_flag(p, codec.FLAG_SCALE_ZLIB, False))
+    int8 = codec.encode(_update(shape=(4, 5)), CodecConfig(quant="int8", topk=0.5))
+    with pytest.raises(ValueError, match="compressed scales flagged outside"):
+        codec.decode(_flag(int8, codec.FLAG_SCALE_ZLIB, True))
+
+
 def test_stochastic_int4_is_unbiased() -> None:
     x = {"w": np.full((1, 20_000), 0.3, np.float32)}
     x["w"][0, 0] = 7.0  # step 1: 0.3 rounds to 0 or 1
@@ -791,6 +835,24 @@ def test_blob_is_one_array_and_smaller_on_the_wire() -> None:
         assert streams[key].dtype == arr.dtype
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 2**63 - 1), max_size=40))
+def test_meta_travels_as_varints(meta: list[int]) -> None:
+    blob = pack_blob({"meta": np.array(meta, np.int64)})[codec.KEY_BLOB]
+    # 7 bits per byte: 0..127 take one byte, 128..16383 two, ...
+    assert blob.size == 6 + sum(max(1, -(-v.bit_length() // 7)) for v in meta)
+    back = unpack_blob({codec.KEY_BLOB: blob})["meta"]
+    assert back.dtype == np.int64 and back.tolist() == meta
+
+
+def test_varints_by_hand() -> None:
+    blob = pack_blob({"meta": np.array([3, 300, 0, 128], np.int64)})[codec.KEY_BLOB]
+    # 300 = 0b10_0101100: low 7 bits 0x2C with the high bit, then 0b10; 128 = 0x80 0x01.
+    assert blob.tobytes() == _header(0, 1, 6) + bytes([3, 0xAC, 0x02, 0, 0x80, 0x01])
+    negative = pack_blob({"meta": np.array([-1], np.int64)})[codec.KEY_BLOB]
+    assert negative.tobytes() == _header(0, 0, 1) + (-1).to_bytes(8, "little", signed=True)
+
+
 def _header(key: int, code: int, count: int) -> bytes:
     return bytes([key, code]) + count.to_bytes(4, "little")
 
@@ -803,7 +865,10 @@ def _header(key: int, code: int, count: int) -> bytes:
         (_header(1, 2, 0) + _header(0, 0, 0), "unknown or out of order"),
         (_header(1, 2, 0) + _header(1, 2, 0), "unknown or out of order"),
         (_header(0, 7, 0), "unknown dtype code"),
-        (_header(1, 1, 0), "unknown dtype code"),
+        (_header(1, 1, 0), "unknown dtype code"),  # varints are for meta only
+        (_header(0, 1, 2) + bytes([0x83, 0x80]), "runs past the end"),
+        (_header(0, 1, 10) + bytes([0xFF] * 9 + [0x01]), "more than 9 bytes"),
+        (_header(0, 1, 3) + bytes([0x05, 0x80, 0x00]), "shortest form"),
         (_header(0, 0, 2) + bytes(15), "runs past the blob"),
         (_header(1, 2, 4_000_000_000), "runs past the blob"),
     ],
@@ -815,7 +880,7 @@ def test_unpack_blob_refuses_malformed_blobs(raw: bytes, message: str) -> None:
 
 def test_blob_payload_refuses_extra_keys_and_wrong_dtype() -> None:
     empty: dict[str, np.ndarray] = {
-        "meta": np.array([2, 0, 0], np.int64),
+        "meta": np.array([3, 0, 0], np.int64),
         "names": np.zeros(0, np.uint8),
         "values": np.zeros(0, np.float32),
     }

@@ -28,7 +28,8 @@ sparse int8 payload of a small model. The keys, in this order:
     ``"int8-channel"`` mode; their ``tensor_flags`` record that. A channel with no kept entry or
     only zeros has scale ``1.0``. Low-bit modes (``int4-channel``, ``ternary``): one step per
     row that carries entries, float16, or uint8 log-scale codes after a float32 reference
-    (:data:`FLAG_SCALES_LOG8`).
+    (:data:`FLAG_SCALES_LOG8`); with the entropy stage, zlib-compressed as byte planes where
+    that is smaller (:data:`FLAG_SCALE_ZLIB`).
 ``values`` (float32, or uint8 when zlib-compressed; ``quant="none"``)
     All tensors' kept entries themselves, concatenated.
 ``select`` (uint8; only with ``CodecConfig.topk < 1``)
@@ -75,6 +76,7 @@ from fedprune.codec.format import (
     FLAG_MASK_SENT,
     FLAG_MASK_ZLIB,
     FLAG_MASKED,
+    FLAG_SCALE_ZLIB,
     FLAG_SCALES_LOG8,
     FLAG_SELECT_RICE,
     FLAG_SELECT_ROWS,
@@ -123,6 +125,7 @@ __all__ = [
     "FLAG_MASK_SENT",
     "FLAG_MASK_ZLIB",
     "FLAG_SCALES_LOG8",
+    "FLAG_SCALE_ZLIB",
     "FLAG_SELECTED",
     "FLAG_SELECT_RICE",
     "FLAG_SELECT_ROWS",

@@ -16,7 +16,7 @@ from fedprune.codec.bits import (
     _unpack_codes,
 )
 from fedprune.codec.container import is_blob, unpack_blob
-from fedprune.codec.entropy import _inflate
+from fedprune.codec.entropy import _from_byte_planes, _inflate
 from fedprune.codec.format import (
     _KEY_ORDER,
     _META_HEAD,
@@ -34,6 +34,7 @@ from fedprune.codec.format import (
     FLAG_MASK_SENT,
     FLAG_MASK_ZLIB,
     FLAG_MASKED,
+    FLAG_SCALE_ZLIB,
     FLAG_SCALES_LOG8,
     FLAG_SELECT_RICE,
     FLAG_SELECT_ROWS,
@@ -159,6 +160,8 @@ def _parse_layout(payload: Mapping[str, np.ndarray]) -> _Layout:
         raise ValueError(f"{label}: ternary flagged outside the low-bit mode")
     if flags & FLAG_SCALES_LOG8 and flags & QUANT_BITS != _QUANT_LOWBIT:
         raise ValueError(f"{label}: log8 scales flagged outside the low-bit mode")
+    if flags & FLAG_SCALE_ZLIB and flags & QUANT_BITS != _QUANT_LOWBIT:
+        raise ValueError(f"{label}: compressed scales flagged outside the low-bit mode")
     for zlib_flag, rice_flag, rows_flag, key in (
         (FLAG_MASK_ZLIB, FLAG_MASK_RICE, FLAG_MASK_ROWS, KEY_MASK),
         (FLAG_SELECT_ZLIB, FLAG_SELECT_RICE, FLAG_SELECT_ROWS, KEY_SELECT),
@@ -258,8 +261,7 @@ def _read_stream(
         return arr
     if arr.dtype != np.uint8 or arr.ndim != 1:
         raise ValueError(f"{_label(key)} is flagged zlib but is not a 1-D uint8 array")
-    raw = _inflate(key, arr, length * dtype.itemsize)
-    return np.frombuffer(raw, dtype=dtype)
+    return _from_byte_planes(_inflate(key, arr, length * dtype.itemsize), dtype)
 
 
 @dataclass(frozen=True)
@@ -328,23 +330,50 @@ def _decode_entry(
     bits: _Positions | None,
     masks: Mapping[str, np.ndarray] | None,
     select: _Positions | None = None,
+    out: NDArray[np.float32] | None = None,
 ) -> SparseTensor:
-    """Decode one tensor from its slices of the (validated) streams into fresh float32 memory."""
+    """Decode one tensor from its slices of the (validated) streams into fresh float32 memory.
+
+    With ``out`` (flat float32 of the tensor's size) the tensor is written there, dense. A
+    sparse int8 tensor is then dequantized with its zeros: its codes are scattered into a
+    dense int8 array (a quarter of a float32 scatter's memory traffic) and multiplied by the
+    steps row by row, without expanding the steps to every entry.
+    """
     data = stream[entry.value_start : entry.value_start + entry.n_values]
     flat_idx = _positions(entry, bits, masks, select)
     if scales is None:
         # Copy: the result must not alias (possibly read-only) payload memory.
-        return SparseTensor(entry.shape, flat_idx, data.astype(np.float32, copy=True))
+        return _placed(SparseTensor(entry.shape, flat_idx, data.astype(np.float32)), out)
     step = scales[entry.scale_start : entry.scale_start + entry.n_scales]
     channel = entry.mode == _QUANT_CHANNEL
     if flat_idx is None:
-        return SparseTensor.from_dense(_dequantize(data, step, entry.shape, channel))
+        return SparseTensor.from_dense(_dequantize(data, step, entry.shape, channel, out=out))
+    if out is not None:
+        codes = np.zeros(entry.size, dtype=np.int8)
+        codes[flat_idx] = data
+        return SparseTensor.from_dense(_dequantize(codes, step, entry.shape, channel, out=out))
     values = data.astype(np.float32)
     if values.size and channel:
         values *= np.repeat(step, _row_counts(flat_idx, entry.shape))
     elif values.size:
         values *= step[0]
     return SparseTensor(entry.shape, flat_idx, values)
+
+
+def _placed(tensor: SparseTensor, out: NDArray[np.float32] | None) -> SparseTensor:
+    """Return ``tensor``, or, given ``out``, the tensor written densely into ``out``."""
+    return tensor if out is None else SparseTensor.from_dense(tensor.dense(out=out))
+
+
+def _outputs(entries: list[_Entry]) -> list[NDArray[np.float32]]:
+    """One fresh float32 buffer for every tensor of a dense decode, a flat view per tensor.
+
+    One large allocation is backed by huge pages where the kernel allows it: writing it costs
+    about half as much as writing a fresh array per tensor (ResNet-18: 6.7 against 12.6 ms).
+    """
+    buffer = np.empty(sum(entry.size for entry in entries), dtype=np.float32)
+    ends = np.cumsum([entry.size for entry in entries], dtype=np.int64).tolist()
+    return [buffer[end - entry.size : end] for entry, end in zip(entries, ends, strict=True)]
 
 
 def _positions(
@@ -413,8 +442,8 @@ def decode(
         ``-128``, a non-finite or non-positive scale, a corrupt zlib stream or trailing bytes, or
         a missing or wrongly shaped mask.
     """
-    decoded = decode_sparse(payload, masks=masks, shapes=shapes)
-    return {name: tensor.dense() for name, tensor in decoded.items()}
+    decoded = _decode(payload, masks, shapes, dense=True)
+    return {name: tensor.dense() for name, tensor in decoded.items()}  # dense already: reshapes
 
 
 def decode_sparse(
@@ -428,6 +457,17 @@ def decode_sparse(
     The same checks and arguments as :func:`decode` (which is this followed by
     :meth:`SparseTensor.dense`); the zeros of a pruned or top-k tensor are never allocated.
     """
+    return _decode(payload, masks, shapes, dense=False)
+
+
+def _decode(
+    payload: Mapping[str, np.ndarray],
+    masks: Mapping[str, np.ndarray] | None,
+    shapes: Mapping[str, tuple[int, ...]] | None,
+    *,
+    dense: bool,
+) -> dict[str, SparseTensor]:
+    """:func:`decode_sparse`; ``dense``: every tensor comes back dense, in one fresh buffer."""
     payload = _open(payload)
     layout = _parse_layout(payload)
     if shapes is not None:
@@ -437,6 +477,9 @@ def decode_sparse(
             raise ValueError(f"payload tensors {got} differ from the expected {want}")
     compressed = bool(layout.flags & FLAG_CODES_ZLIB)
     scales: NDArray[np.float32] | None = None
+    outs: list[NDArray[np.float32] | None] = [None] * len(layout.entries)
+    if dense:
+        outs = list(_outputs(layout.entries))
     if layout.quant == _QUANT_NONE:
         stream = _read_stream(
             KEY_VALUES, payload[KEY_VALUES], _VALUES_DTYPE, layout.n_values, compressed
@@ -444,7 +487,7 @@ def decode_sparse(
         if not np.isfinite(stream).all():
             raise ValueError(f"{_label(KEY_VALUES)} has NaN or inf")
     elif layout.quant == _QUANT_LOWBIT:
-        return _decode_lowbit(payload, layout, masks)
+        return _decode_lowbit(payload, layout, masks, outs)
     else:
         stream = _read_stream(
             KEY_CODES, payload[KEY_CODES], np.dtype(np.int8), layout.n_values, compressed
@@ -455,8 +498,8 @@ def decode_sparse(
     bits = _read_positions(payload, KEY_MASK, layout)
     select = _read_positions(payload, KEY_SELECT, layout)
     return {
-        entry.name: _decode_entry(entry, stream, scales, bits, masks, select)
-        for entry in layout.entries
+        entry.name: _decode_entry(entry, stream, scales, bits, masks, select, out)
+        for entry, out in zip(layout.entries, outs, strict=True)
     }
 
 
@@ -469,7 +512,10 @@ def _open(payload: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
 
 
 def _decode_lowbit(
-    payload: Mapping[str, np.ndarray], layout: _Layout, masks: Mapping[str, np.ndarray] | None
+    payload: Mapping[str, np.ndarray],
+    layout: _Layout,
+    masks: Mapping[str, np.ndarray] | None,
+    outs: list[NDArray[np.float32] | None],
 ) -> dict[str, SparseTensor]:
     """Decode an int4 or ternary payload: positions first, then codes and per-row scales."""
     ternary = bool(layout.flags & FLAG_TERNARY)
@@ -492,13 +538,18 @@ def _decode_lowbit(
         placed.append((entry, flat_idx, counts, n_rows))
         n_rows += int(np.count_nonzero(counts))
     fmt: ScaleFormat = "log8" if layout.flags & FLAG_SCALES_LOG8 else "float16"
-    scales = _read_steps(_label(KEY_SCALE), payload[KEY_SCALE], n_rows, fmt)
+    scale_stream = payload[KEY_SCALE]
+    if layout.flags & FLAG_SCALE_ZLIB:
+        dtype: np.dtype = np.dtype(np.float16 if fmt == "float16" else np.uint8)
+        length = n_rows if fmt == "float16" else (4 + n_rows if n_rows else 0)
+        scale_stream = _read_stream(KEY_SCALE, scale_stream, dtype, length, compressed=True)
+    scales = _read_steps(_label(KEY_SCALE), scale_stream, n_rows, fmt)
     out: dict[str, SparseTensor] = {}
-    for entry, flat_idx, counts, start in placed:
+    for (entry, flat_idx, counts, start), dense_out in zip(placed, outs, strict=True):
         step = scales[start : start + int(np.count_nonzero(counts))]
         data = codes[entry.value_start : entry.value_start + entry.n_values]
         values = _dequantize_lowbit(data, counts, step)
-        out[entry.name] = SparseTensor(entry.shape, flat_idx, values)
+        out[entry.name] = _placed(SparseTensor(entry.shape, flat_idx, values), dense_out)
     return out
 
 

@@ -20,6 +20,7 @@ from fedprune.codec.format import (
     FLAG_CODES_ZLIB,
     FLAG_MASK_SENT,
     FLAG_MASKED,
+    FLAG_SCALE_ZLIB,
     FLAG_SCALES_LOG8,
     FLAG_SELECTED,
     FLAG_TERNARY,
@@ -197,6 +198,9 @@ def encode(
         flags |= FLAG_TERNARY if ternary else 0
         flags |= FLAG_SCALES_LOG8 if config.scales == "log8" else 0
         stream = _pack_codes(stream, ternary=ternary)
+        if config.entropy:
+            scales, compressed = _maybe_deflate(scales)
+            flags |= FLAG_SCALE_ZLIB if compressed else 0
     if config.entropy:
         stream, compressed = _maybe_deflate(stream)
         flags |= FLAG_CODES_ZLIB if compressed else 0

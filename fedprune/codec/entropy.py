@@ -12,10 +12,33 @@ from fedprune.codec.rice import RicePlan, rice_plan, rice_rows_plan, row_segment
 from fedprune.codec.wire import _array_wire_bytes
 
 
+def _byte_planes(stream: np.ndarray) -> bytes:
+    """Return the little-endian bytes of ``stream`` split into byte planes.
+
+    Byte 0 of every entry, then byte 1, ...: the sign and exponent bytes of floats sit together
+    and deflate well.
+    """
+    raw = np.ascontiguousarray(stream.astype(stream.dtype.newbyteorder("<"), copy=False))
+    if raw.dtype.itemsize == 1:
+        return raw.tobytes()
+    return raw.view(np.uint8).reshape(-1, raw.dtype.itemsize).T.tobytes()
+
+
+def _from_byte_planes(raw: bytes, dtype: np.dtype) -> np.ndarray:
+    """Inverse of :func:`_byte_planes` (``len(raw)`` a multiple of the itemsize)."""
+    little = dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
+    planes = np.frombuffer(raw, np.uint8)
+    if dtype.itemsize == 1:
+        return planes.view(little)
+    return np.ascontiguousarray(planes.reshape(dtype.itemsize, -1).T).view(little).reshape(-1)
+
+
 def _maybe_deflate(stream: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Return ``(zlib stream as uint8, True)`` if that serializes smaller, else the input."""
-    raw = stream.astype(stream.dtype.newbyteorder("<"), copy=False)  # no-op on little-endian
-    packed = np.frombuffer(zlib.compress(np.ascontiguousarray(raw).data, ZLIB_LEVEL), np.uint8)
+    """Return ``(zlib stream as uint8, True)`` if that serializes smaller, else the input.
+
+    A stream of multi-byte entries is deflated as byte planes (:func:`_byte_planes`).
+    """
+    packed = np.frombuffer(zlib.compress(_byte_planes(stream), ZLIB_LEVEL), np.uint8)
     if _array_wire_bytes(packed) < _array_wire_bytes(stream):
         return packed, True
     return stream, False

@@ -31,7 +31,7 @@ _KEY_ORDER: Final = (KEY_META, KEY_NAMES, KEY_CODES, KEY_SCALE, KEY_VALUES, KEY_
 NAME_SEP: Final = "\n"
 """Separator of the tensor names in the ``names`` array (never part of a name)."""
 
-FORMAT_VERSION: Final = 2
+FORMAT_VERSION: Final = 3
 """First entry of every ``meta`` array; bumped on any incompatible layout change."""
 QMAX: Final = 127
 """Largest int8 code magnitude (symmetric range, ``-128`` is never produced)."""
@@ -92,6 +92,9 @@ LOG8_STEPS: Final = 16
 when the magnitude is within 254 / 16 = 15.9 octaves below the payload's largest)."""
 LOG8_ZERO: Final = 255
 """The log-scale code of a zero step."""
+FLAG_SCALE_ZLIB: Final = 1 << 18
+"""Payload flag (low-bit mode): the ``scale`` stream is zlib-compressed (uint8), its bytes
+split into planes first (every entry's first byte, then every second byte, ...)."""
 MAX_BLOCK: Final = 1 << 15
 """Largest selection block (:data:`SELECT_BLOCK_BITS` holds its ``log2``)."""
 _PAYLOAD_FLAGS: Final = (
@@ -103,6 +106,7 @@ _PAYLOAD_FLAGS: Final = (
     | FLAG_SELECT_RICE
     | FLAG_MASK_RICE
     | FLAG_SCALES_LOG8
+    | FLAG_SCALE_ZLIB
     | FLAG_SELECT_ROWS
     | FLAG_MASK_ROWS
     | SELECT_BLOCK_BITS
@@ -150,7 +154,6 @@ _BLOCK: Final = 1 << 17
 FLWR_CHUNK_SIZE_ENV: Final = "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE"
 FLWR_DEFAULT_CHUNK_SIZE: Final = 5 * 1024 * 1024
 _OBJECT_ID_LEN: Final = 64  # sha256 hex digest
-_STYPE_NUMPY: Final = "numpy.ndarray"
 
 
 @dataclass(frozen=True)

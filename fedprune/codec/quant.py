@@ -270,17 +270,31 @@ def dequantize_int8(
 
 
 def _dequantize(
-    codes: NDArray[np.int8], scales: NDArray[np.float32], shape: tuple[int, ...], per_channel: bool
+    codes: NDArray[np.int8],
+    scales: NDArray[np.float32],
+    shape: tuple[int, ...],
+    per_channel: bool,
+    out: NDArray[np.float32] | None = None,
 ) -> NDArray[np.float32]:
-    """Return ``codes * scales`` as a fresh float32 array of ``shape`` (codes in C order)."""
+    """Return ``codes * scales`` as a float32 array of ``shape`` (codes in C order).
+
+    Written into ``out`` (flat, float32, ``codes.size`` entries) if given, else fresh memory.
+    """
     # A SIMD int8 -> float32 conversion, then an in-place multiply, is about twice as fast as a
-    # mixed-dtype ``np.multiply(codes, scales, dtype=np.float32)``.
-    out = codes.astype(np.float32).reshape(shape)
-    if per_channel:
-        out.reshape(shape[0], math.prod(shape[1:]))[...] *= scales[:, None]
-    else:
-        out *= scales[0]
-    return out
+    # mixed-dtype ``np.multiply(codes, scales, dtype=np.float32)``; done a block of rows at a
+    # time, the multiply reads the converted block from cache (ResNet-18: 7.6 against 8.4 ms).
+    if out is None:
+        out = np.empty(codes.size, dtype=np.float32)
+    rows = shape[0] if per_channel else 1
+    per_row = codes.size // rows if rows else 0
+    src = codes.reshape(rows, per_row)
+    dst = out.reshape(rows, per_row)
+    step = _rows_per_block(per_row)
+    for start in range(0, rows, step):
+        block = dst[start : start + step]
+        np.copyto(block, src[start : start + step], casting="unsafe")
+        block *= scales[start : start + step, None] if per_channel else scales[0]
+    return out.reshape(shape)
 
 
 def _check_scales(label: str, scales: object, expected: int) -> NDArray[np.float32]:

@@ -45,11 +45,20 @@ class SparseTensor:
         """Return the number of entries of the tensor (zeros included)."""
         return math.prod(self.shape)
 
-    def dense(self) -> NDArray[np.float32]:
-        """Return the tensor as a float32 array (fresh memory when ``index`` is set)."""
-        if self.index is None:
-            return self.values.reshape(self.shape)
-        out = np.zeros(self.size, dtype=np.float32)
+    def dense(self, out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+        """Return the tensor as a float32 array (fresh memory when ``index`` is set).
+
+        Given ``out`` (flat, float32, :attr:`size` entries), the tensor is written there.
+        """
+        if out is None:
+            if self.index is None:
+                return self.values.reshape(self.shape)
+            out = np.zeros(self.size, dtype=np.float32)
+        elif self.index is None:
+            np.copyto(out, self.values)
+            return out.reshape(self.shape)
+        else:
+            out.fill(0.0)
         out[self.index] = self.values
         return out.reshape(self.shape)
 
