@@ -49,22 +49,32 @@ def test_sparse_decode_by_hand_holds_only_the_sent_entries() -> None:
     quant=st.sampled_from(["none", "int8", "int8-channel", "int4-channel", "ternary"]),
     topk=st.sampled_from([0.05, 0.3, 1.0]),
     log8=st.booleans(),
+    pruned=st.booleans(),
+    entropy=st.booleans(),
 )
 def test_sparse_decode_equals_the_dense_decode(
-    x: np.ndarray, quant: str, topk: float, log8: bool
+    x: np.ndarray, quant: str, topk: float, log8: bool, pruned: bool, entropy: bool
 ) -> None:
     lowbit = quant in ("int4-channel", "ternary")
     config = CodecConfig(
         quant=quant,  # type: ignore[arg-type]
         topk=topk,
         scales="log8" if log8 and lowbit else "float16",
+        entropy=entropy,
     )
-    payload = codec.encode({"w": x, "b": x[0]}, config)
+    masks = {"w": np.arange(42).reshape(6, 7) % 3 != 0} if pruned else None
+    payload = codec.encode({"w": x, "b": x[0]}, config, masks=masks)
     dense = codec.decode(payload)
     for name, tensor in codec.decode_sparse(payload).items():
         np.testing.assert_array_equal(tensor.dense(), dense[name])
+        # Written into a given buffer, every entry is overwritten (the zeros too).
+        out = np.full(tensor.size, np.nan, np.float32)
+        np.testing.assert_array_equal(tensor.dense(out=out), dense[name])
+        if masks is not None and name in masks:
+            assert not dense[name][~masks[name]].any()  # pruned entries decode to exactly 0
         sent = tensor.values.size if tensor.index is None else tensor.index.size
-        assert sent == (x.size if name == "w" else 7) if topk == 1.0 else sent < dense[name].size
+        kept = 28 if masks is not None and name == "w" else x.size if name == "w" else 7
+        assert sent == kept if topk == 1.0 else sent < dense[name].size
         if tensor.index is not None:
             assert (np.diff(tensor.index) > 0).all()  # sorted, distinct
 
