@@ -129,7 +129,7 @@ def test_hand_example_encode_sparse() -> None:
     assert list(payload) == ["meta", "names", "codes", "scale", "mask"]
     sparse = 2 | codec.FLAG_MASKED | codec.FLAG_MASK_SENT  # per channel, masked, bits sent
     meta = [
-        [2, 2, 3],  # format version, payload flags (int8-channel, no zlib), 3 tensors
+        [3, 2, 3],  # format version, payload flags (int8-channel, no zlib), 3 tensors
         [sparse, 4, 2, 3, 4],  # w: 4 kept of (3, 4)
         [1, 3, 1, 3],  # b: per tensor (1-D), dense, 3 values of (3,)
         [sparse, 3, 2, 2, 3],  # v: 3 kept of (2, 3)
@@ -170,7 +170,7 @@ def test_hand_example_values_passthrough() -> None:
     payload = codec.encode(tensors, CodecConfig(quant="none"), masks={"w": M_HAND})
     assert list(payload) == ["meta", "names", "values", "mask"]
     np.testing.assert_array_equal(
-        payload["meta"], [2, 0, 2, codec.FLAG_MASKED | codec.FLAG_MASK_SENT, 4, 2, 3, 4, 0, 3, 1, 3]
+        payload["meta"], [3, 0, 2, codec.FLAG_MASKED | codec.FLAG_MASK_SENT, 4, 2, 3, 4, 0, 3, 1, 3]
     )
     np.testing.assert_array_equal(payload["values"], np.concatenate([X_HAND[M_HAND], B_HAND]))
     assert payload["values"].dtype == np.float32
@@ -187,7 +187,7 @@ def test_hand_example_cached_masks() -> None:
     )
     assert list(payload) == INT8_KEYS
     np.testing.assert_array_equal(
-        payload["meta"], [2, 1, 2, 1 | codec.FLAG_MASKED, 4, 2, 3, 4, 1, 3, 1, 3]
+        payload["meta"], [3, 1, 2, 1 | codec.FLAG_MASKED, 4, 2, 3, 4, 1, 3, 1, 3]
     )
     # one step per tensor: w's kept absmax is 50.6, b's 1.27
     np.testing.assert_array_equal(payload["scale"], np.array([50.6 / 127, 0.01], np.float32))
@@ -499,7 +499,7 @@ def test_empty_model_and_empty_masks() -> None:
     for config in CONFIGS:
         payload = codec.encode({}, config)
         assert list(payload) == _expected_keys(config, False, True)
-        np.testing.assert_array_equal(payload["meta"], [2, QUANT_CODE[config.quant], 0])
+        np.testing.assert_array_equal(payload["meta"], [3, QUANT_CODE[config.quant], 0])
         assert payload["names"].size == 0
         assert codec.decode(payload) == {} and codec.payload_masks(payload) == {}
     # a single tensor named "" is not the empty model
@@ -675,7 +675,7 @@ def test_decode_does_not_alias_payload() -> None:
 
 
 # -- decode validation ---------------------------------------------------------------------------
-# _valid(): meta = [2, 2, 2,  w: flags 3, n_values 4, ndim 5, shape 6 7,  b: flags 8, n 9, ndim 10,
+# _valid(): meta = [3, 2, 2,  w: flags 3, n_values 4, ndim 5, shape 6 7,  b: flags 8, n 9, ndim 10,
 # shape 11]; w is (4, 5) = 20 mask bits (3 bytes, 4 padding bits), b is dense (4,).
 W_FLAGS, W_N, W_SHAPE1, B_FLAGS, B_N, B_SHAPE0 = 3, 4, 7, 8, 9, 11
 

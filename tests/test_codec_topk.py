@@ -18,7 +18,7 @@ def test_dense_selection_by_hand() -> None:
     payload = codec.encode({"w": X}, CodecConfig(quant="int8", topk=0.5))
     # k = ceil(0.5 * 6) = 3: |-4|, |3|, |2| -> C-order positions 0, 3, 4 of the 6 candidates.
     np.testing.assert_array_equal(payload["select"], [0b10011000])
-    assert payload["meta"].tolist() == [2, 1, 1, 1 | codec.FLAG_SELECTED, 3, 2, 2, 3, 6]
+    assert payload["meta"].tolist() == [3, 1, 1, 1 | codec.FLAG_SELECTED, 3, 2, 2, 3, 6]
     # One step for the tensor, from the transmitted values: 4 / 127.
     np.testing.assert_array_equal(payload["codes"], [95, -127, 64])
     got = codec.decode(payload)["w"]

@@ -31,7 +31,7 @@ _KEY_ORDER: Final = (KEY_META, KEY_NAMES, KEY_CODES, KEY_SCALE, KEY_VALUES, KEY_
 NAME_SEP: Final = "\n"
 """Separator of the tensor names in the ``names`` array (never part of a name)."""
 
-FORMAT_VERSION: Final = 2
+FORMAT_VERSION: Final = 3
 """First entry of every ``meta`` array; bumped on any incompatible layout change."""
 QMAX: Final = 127
 """Largest int8 code magnitude (symmetric range, ``-128`` is never produced)."""
