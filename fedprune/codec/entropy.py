@@ -1,4 +1,4 @@
-"""The entropy stage: zlib, or a Rice code (whole or per row) for bit streams, where smaller."""
+"""The entropy stage: zlib, or a Golomb code (whole or per row) for bit streams, where smaller."""
 
 from __future__ import annotations
 
@@ -63,14 +63,14 @@ def _inflate(key: str, stream: np.ndarray, nbytes: int) -> bytes:
 def _smallest_positions(
     bits: NDArray[np.uint8], n_bits: int, counts: list[tuple[int, int]], rows: list[int]
 ) -> tuple[NDArray[np.uint8], str]:
-    """Return the smallest of a packed bit stream, its zlib and its Rice codes on the wire.
+    """Return the smallest of a packed bit stream, its zlib and its Golomb codes on the wire.
 
     ``counts`` holds ``(n_ones, n_bits)`` per segment and ``rows`` the rows each segment
     splits into (:func:`fedprune.codec.format._position_rows`). The kind is ``"raw"``,
-    ``"zlib"``, ``"rice"`` or ``"rice-rows"`` (one Rice segment per row, the row counts first).
+    ``"zlib"``, ``"rice"`` or ``"rice-rows"`` (one segment per row, the row counts first).
     zlib at level 6 is slow on sparse bitmaps (long match chains of zero bytes), so it runs only
-    where the fast level 1 already beats the Rice code, i.e. where the positions have structure
-    that gap coding does not see (whole rows never selected, ...). Each Rice code is sized from
+    where the fast level 1 already beats the Golomb code, i.e. where the positions have structure
+    that gap coding does not see (whole rows never selected, ...). Each Golomb code is sized from
     its plan, and only the smallest is written.
     """
     flat = np.unpackbits(bits, count=n_bits).view(np.bool_)

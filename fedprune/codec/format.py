@@ -32,7 +32,9 @@ NAME_SEP: Final = "\n"
 """Separator of the tensor names in the ``names`` array (never part of a name)."""
 
 FORMAT_VERSION: Final = 3
-"""First entry of every ``meta`` array; bumped on any incompatible layout change."""
+"""First entry of every ``meta`` array; bumped on any incompatible layout change (3: the
+``*_RICE`` streams are a Golomb code with a non-power-of-two parameter, low-bit scales may be
+deflated, the blob stores ``meta`` as varints and payloads travel as raw arrays; 2: Rice)."""
 QMAX: Final = 127
 """Largest int8 code magnitude (symmetric range, ``-128`` is never produced)."""
 
@@ -70,15 +72,16 @@ FLAG_SELECT_ZLIB: Final = 1 << 7
 FLAG_TERNARY: Final = 1 << 8
 """Payload flag (low-bit mode): codes are signs (one bit each), not int4 nibbles."""
 FLAG_SELECT_RICE: Final = 1 << 9
-"""The ``select`` stream is Rice-coded gaps (:mod:`fedprune.codec.rice`)."""
+"""The ``select`` stream is Golomb-coded gaps (:mod:`fedprune.codec.rice`; the name is from the
+Rice code, the Golomb code of a power-of-two parameter, that it was up to format version 2)."""
 FLAG_MASK_RICE: Final = 1 << 10
-"""The ``mask`` stream is Rice-coded gaps."""
+"""The ``mask`` stream is Golomb-coded gaps."""
 FLAG_SELECT_ROWS: Final = 1 << 12
-"""With :data:`FLAG_SELECT_RICE`: the Rice code has one segment per row of each tensor of
+"""With :data:`FLAG_SELECT_RICE`: the Golomb code has one segment per row of each tensor of
 ``ndim >= 2`` whose every entry is a candidate, the rows' counts first
 (:func:`fedprune.codec.rice.rice_rows_encode`)."""
 FLAG_MASK_ROWS: Final = 1 << 13
-"""With :data:`FLAG_MASK_RICE`: the ``mask`` stream's Rice code has one segment per row."""
+"""With :data:`FLAG_MASK_RICE`: the ``mask`` stream's Golomb code has one segment per row."""
 SELECT_BLOCK_SHIFT: Final = 14
 SELECT_BLOCK_BITS: Final = 0b1111 << SELECT_BLOCK_SHIFT
 """Payload field: ``log2`` of the selection block (``select`` has one bit per block of that many
@@ -178,8 +181,8 @@ class CodecConfig:
         Round to nearest (error ``<= scale / 2`` up to float32 rounding) or unbiased stochastic
         rounding (``E[decode] == x``; needs an ``rng`` in :func:`encode`).
     entropy : bool
-        Run the lossless stage: zlib on the code (or value) stream; zlib or a Rice code of the
-        gaps (:mod:`fedprune.codec.rice`) on the mask and select streams, whichever is
+        Run the lossless stage: zlib on the code (or value) stream; zlib or a Golomb code of
+        the gaps (:mod:`fedprune.codec.rice`) on the mask and select streams, whichever is
         smallest on the wire (raw when neither shrinks it).
     container : {"arrays", "blob"}
         ``"arrays"``: one array per stream; ``"blob"``: the whole payload in one uint8 array
@@ -362,7 +365,7 @@ def _position_counts(entries: list[_Entry], key: str) -> list[tuple[int, int]]:
 
 
 def _position_rows(entries: list[_Entry], key: str) -> list[int]:
-    """Return the rows each tensor segment of a bit stream splits into for row-segmented Rice.
+    """Return the rows each tensor segment of a bit stream splits into for row-segmented codes.
 
     A segment splits into its tensor's rows (axis 0) when the tensor has ``ndim >= 2`` and the
     segment holds a bit for each of its entries (always for ``mask``; for ``select`` when the
