@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from boundary.records import to_record
+from boundary.records import payload_record, to_record
 from fedprune import codec, keys
 from fedprune.config import RunConfig
 from simulations.grid import StaticGrid, server_task_identity
@@ -61,7 +61,7 @@ def bench_server_reply_cost() -> dict[str, float]:
         for _ in range(REPLIES)
     ]
     encoded = [codec.encode(d, cfg.update_codec()) for d in deltas]
-    payloads = [to_record(p) for p in encoded]
+    payloads = [payload_record(p) for p in encoded]
     # What stock FedAvg gets: each client's model (the global one plus its decoded update).
     models = []
     for payload in encoded:

@@ -277,7 +277,7 @@ def objects_per_reply() -> str:
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
     from flwr.supercore.task_identity import TaskIdentity
 
-    from boundary.records import to_record
+    from boundary.records import payload_record
     from fedprune import codec
     from strategies.accounting import message_wire_bytes
 
@@ -298,7 +298,7 @@ def objects_per_reply() -> str:
             )
             payload = codec.encode(update, config)
         metrics = MetricRecord({"num-examples": 6000, "server-round": 3, "train-loss": 0.5})
-        content = RecordDict({"arrays": to_record(payload), "metrics": metrics})
+        content = RecordDict({"arrays": payload_record(payload), "metrics": metrics})
         message = Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
         objects = len(get_all_nested_objects(message))
         size = message_wire_bytes([message])

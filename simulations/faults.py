@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from boundary.records import from_record, to_record
+from boundary.records import from_record, payload_record
 from clients.client_app import node_partition, train
 from fedprune import codec, keys
 from fedprune.config import RunConfig
@@ -100,7 +100,7 @@ def inject(fault: str, reply: Message) -> None:
     elif fault in ("scales-update", "sign-flip"):
         payload = from_record(reply.content.array_records[keys.ARRAYS])
         factor = 1e6 if fault == "scales-update" else -10.0
-        reply.content[keys.ARRAYS] = to_record(scale_update(payload, factor))
+        reply.content[keys.ARRAYS] = payload_record(scale_update(payload, factor))
     else:
         raise ValueError(f"unknown fault {fault!r} (or nothing to change); one of {FAULTS}")
 
