@@ -144,6 +144,12 @@ BAD_INPUTS: dict[str, Callable[[Message], None]] = {
     "header-other-shape": with_array(npy_array("<f4", (3, 2), body=24, fields=((2, 3), "float32"))),
     "header-object-dtype": with_array(npy_array("|O", (2, 3), body=48)),
     "header-fortran": with_array(npy_array("<f4", (2, 3), body=24, fortran=True)),
+    # Raw arrays (how payloads travel): dtype, shape and byte count are checked, nothing else.
+    "raw-bomb": with_array(Array("float32", (2**40,), "raw", bytes(16))),
+    "raw-short": with_array(Array("float32", (2, 3), "raw", bytes(20))),
+    "raw-float64": with_array(Array("float64", (2, 3), "raw", bytes(48))),
+    "raw-object": with_array(Array("object", (2, 3), "raw", bytes(48))),
+    "raw-negative-shape": with_array(Array("float32", (-2, -3), "raw", bytes(24))),
     "wrong-message-type": evaluate_type,
 }
 
