@@ -7,7 +7,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
-from boundary.records import from_record, scalar, to_record
+from boundary.records import from_record, payload_record, scalar, to_record
 from fedprune import codec, keys
 from fedprune.masks import ReconcileConfig
 from simulations.grid import StaticGrid, server_task_identity
@@ -181,6 +181,53 @@ def test_the_weighted_mean_path_equals_aggregating_every_model(
         np.testing.assert_allclose(w_fast[name], w_general[name], rtol=1e-5, atol=1e-6)
     assert m_fast == pytest.approx(m_general)
     assert m_fast[keys.TRAIN_LOSS] == pytest.approx((0 * 10 + 1 * 20 + 2 * 30) / 60)
+
+
+@pytest.mark.parametrize("make", [FedAvg, lambda: FedAdam(eta=0.1)], ids=["fedavg", "fedadam"])
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(
+    make: Callable[[], Strategy],
+) -> None:
+    """Replies arrive in any order (simulation and deployment alike); the model may not care.
+
+    Pruning on (the server scores models in round 1, prunes ``w`` to half), ternary model-wide
+    top-k replies in round 2, random updates of mixed scales: float32 sums in another order
+    round differently, so this fails unless the replies are put in a fixed order first.
+    """
+    update = codec.CodecConfig(quant="ternary", topk=0.5, topk_scope="model", entropy=True)
+    outcomes = []
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]):
+        masking = MaskPolicy(
+            ["w"],
+            DensitySchedule(initial=1.0, final=0.5, start_round=1, end_round=1),
+            ReconcileConfig(rule="topk"),
+            server_scores=True,
+        )
+        wrapper = FedPrune(
+            make(), codec_config=INT8, update_codec=update, limits=UNBOUNDED, masking=masking
+        )
+        weights = GLOBAL
+        for server_round in (1, 2):
+            sent = wrapper.configure_train(
+                server_round, to_record(weights), ConfigRecord(), StaticGrid([11, 12, 13, 14])
+            )
+            replies = []
+            for i, message in enumerate(sorted(sent, key=lambda m: m.metadata.dst_node_id)):
+                seeded = np.random.default_rng(10 * server_round + i)
+                delta = {
+                    k: (10.0 ** (i - 2) * seeded.standard_normal(v.shape)).astype(np.float32)
+                    for k, v in GLOBAL.items()
+                }
+                payload = codec.encode(delta, update, masks=masking.mask, send_masks=False)
+                metrics = MetricRecord({keys.NUM_EXAMPLES: 7 + 3 * i, keys.TRAIN_LOSS: 0.1 * i})
+                content = RecordDict({keys.ARRAYS: payload_record(payload), keys.METRICS: metrics})
+                replies.append(Message(content=content, reply_to=message))
+            arrays, _ = wrapper.aggregate_train(server_round, [replies[j] for j in order])
+            assert arrays is not None
+            weights = from_record(arrays)
+        outcomes.append(weights)
+    for other in outcomes[1:]:
+        for name in GLOBAL:
+            np.testing.assert_array_equal(other[name], outcomes[0][name])
 
 
 def test_the_float32_baseline_is_stock_fedavg_bit_for_bit() -> None:
