@@ -275,9 +275,11 @@ class FedPrune(StrategyWrapper):
                 continue
             seen.add(node)
             accepted.append((reply, read))
-        # Not in arrival order: float32 sums depend on their order, and under top-k with error
-        # feedback a last-bit difference grows into other selections within a few rounds. In an
-        # order fixed by the replies themselves a run is reproducible from its seed.
+        # By what the replies say, not by their bytes: float32 sums depend on their order, and
+        # under top-k with error feedback a last-bit difference grows into other selections
+        # within a few rounds. The wire's canonical order (content hashes) already makes a run
+        # reproducible; this order also leaves the model bit-identical when only the encoding
+        # of the same updates changes (a lossless codec change, another container).
         accepted.sort(key=lambda pair: (pair[1].num_examples, pair[1].norm()))
         reads = [read for _, read in accepted]
         if self.downlink is not None:

@@ -1,5 +1,6 @@
 """FedPrune on real Flower messages and a real inner FedAvg (no network needed)."""
 
+import dataclasses
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -183,27 +184,48 @@ def test_the_weighted_mean_path_equals_aggregating_every_model(
     assert m_fast[keys.TRAIN_LOSS] == pytest.approx((0 * 10 + 1 * 20 + 2 * 30) / 60)
 
 
-@pytest.mark.parametrize("make", [FedAvg, lambda: FedAdam(eta=0.1)], ids=["fedavg", "fedadam"])
-def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(
+class ExamplesSeen(FedAvg):
+    """FedAvg by the general path (a subclass gets every model), noting each reply's examples."""
+
+    examples: list[int]
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        self.examples = [int(r.content[keys.METRICS][keys.NUM_EXAMPLES]) for r in replies]
+        return super().aggregate_train(server_round, replies)
+
+
+@pytest.mark.parametrize(
+    "make", [FedAvg, lambda: FedAdam(eta=0.1), ExamplesSeen], ids=["fedavg", "fedadam", "general"]
+)
+def test_the_aggregate_depends_on_neither_arrival_order_nor_encoding(
     make: Callable[[], Strategy],
 ) -> None:
-    """Replies arrive in any order (simulation and deployment alike); the model may not care.
+    """The same updates, in any order and in any lossless encoding, give the same model.
 
     Pruning on (the server scores models in round 1, prunes ``w`` to half), ternary model-wide
     top-k replies in round 2, random updates of mixed scales: float32 sums in another order
-    round differently, so this fails unless the replies are put in a fixed order first.
+    round differently, so this fails unless the replies are put in an order that depends on
+    what they say (the wire's canonical order, by content hash, changes with the container or
+    the entropy stage). The general path (an inner strategy that gets every model) sees the
+    models in that order: by example count.
     """
-    update = codec.CodecConfig(quant="ternary", topk=0.5, topk_scope="model", entropy=True)
+    base = codec.CodecConfig(quant="ternary", topk=0.5, topk_scope="model")
     outcomes = []
-    for order in ([0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]):
+    for order, update in (
+        ([0, 1, 2, 3], dataclasses.replace(base, entropy=True)),
+        ([3, 1, 0, 2], dataclasses.replace(base, entropy=True, container="blob")),
+        ([2, 3, 1, 0], base),
+    ):
         masking = MaskPolicy(
             ["w"],
             DensitySchedule(initial=1.0, final=0.5, start_round=1, end_round=1),
             ReconcileConfig(rule="topk"),
             server_scores=True,
         )
+        inner = make()
         wrapper = FedPrune(
-            make(), codec_config=INT8, update_codec=update, limits=UNBOUNDED, masking=masking
+            inner, codec_config=INT8, update_codec=update, limits=UNBOUNDED, masking=masking
         )
         weights = GLOBAL
         for server_round in (1, 2):
@@ -224,6 +246,8 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(
             arrays, _ = wrapper.aggregate_train(server_round, [replies[j] for j in order])
             assert arrays is not None
             weights = from_record(arrays)
+            if isinstance(inner, ExamplesSeen):
+                assert inner.examples == [7, 10, 13, 16]
         outcomes.append(weights)
     for other in outcomes[1:]:
         for name in GLOBAL:
