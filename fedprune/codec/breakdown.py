@@ -38,7 +38,7 @@ def bits_breakdown(payload: Mapping[str, np.ndarray]) -> dict[str, float]:
         content if the positions were i.i.d., ``sum n_bits * H(n_ones / n_bits)`` per segment
         (what no position code can beat on average); ``values``: the code or value stream;
         ``scales``: the step sizes; ``framing``: everything else of :func:`wire_size`
-        (``meta``, names, npy headers and Flower's objects). Every figure is divided by the
+        (``meta``, names and Flower's objects). Every figure is divided by the
         number of model parameters (the sum of the tensor sizes).
 
     Raises
