@@ -69,6 +69,8 @@ CODEC_ROWS: tuple[Row, ...] = (
     _row("tern-b16-up0.25-down0.15", "ternary", 0.25, 0.15, topk_block=16),
     _row("tern-up0.04-down0.03-model", "ternary", 0.04, 0.03, topk_scope="model"),
     _row("tern-up0.05-down0.025-model", "ternary", 0.05, 0.025, topk_scope="model"),
+    _row("tern-up0.04-down0.025-model", "ternary", 0.04, 0.025, topk_scope="model"),
+    _row("tern-up0.035-down0.03-model", "ternary", 0.035, 0.03, topk_scope="model"),
     _row(
         "tern-up0.05-down0.03-model-log8",
         "ternary",
