@@ -953,9 +953,9 @@ def test_scales_deflate_as_byte_planes() -> None:
     x = {"w": np.repeat(steps.astype(np.float32)[:, None], 3, axis=1)}
     x["w"][:, 1] *= -1
     for scales in ("float16", "log8"):
-        config = CodecConfig(quant="ternary", entropy=True, scales=scales)  # type: ignore[arg-type]
+        config = CodecConfig(quant="ternary", entropy=True, scales=scales)
         payload = codec.encode(x, config)
-        plain = codec.encode(x, CodecConfig(quant="ternary", scales=scales))  # type: ignore[arg-type]
+        plain = codec.encode(x, CodecConfig(quant="ternary", scales=scales))
         assert payload["meta"][1] & codec.FLAG_SCALE_ZLIB
         assert payload["scale"].dtype == np.uint8
         assert payload["scale"].nbytes < plain["scale"].nbytes
