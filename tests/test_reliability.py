@@ -27,7 +27,7 @@ RESHAPED = {5: "extra-metric", 6: "no-loss"}
 """Accepted: the metric keys the inner strategy sees are those every reply has."""
 REASONS = (
     "the round expects ['arrays', 'metrics']",  # extra-record, no-metrics
-    "serialization type 'torch.Tensor' is not numpy",
+    "serialization type 'torch.Tensor' is neither numpy nor raw",
     "npy header declares [1099511627776] float32",
 )
 
