@@ -280,13 +280,16 @@ class FedPrune(StrategyWrapper):
         # within a few rounds. The wire's canonical order (content hashes) already makes a run
         # reproducible; this order also leaves the model bit-identical when only the encoding
         # of the same updates changes (a lossless codec change, another container).
-        accepted.sort(key=lambda pair: (pair[1].num_examples, pair[1].norm()))
+        # Each norm is computed once: the order and the norm bound both use it.
+        ranked = sorted((read.num_examples, read.norm(), i) for i, (_, read) in enumerate(accepted))
+        accepted = [accepted[i] for _, _, i in ranked]
+        norms = [norm for _, norm, _ in ranked]
         reads = [read for _, read in accepted]
         if self.downlink is not None:
             for read in reads:
                 self.downlink.delivered(read.node)
         notes = bound_examples(reads, self.limits.examples_ratio)
-        notes += bound_updates(reads, self.limits.norm_ratio, self.limits.max_update_norm)
+        notes += bound_updates(reads, norms, self.limits.norm_ratio, self.limits.max_update_norm)
         for note in notes:
             log(INFO, "round %d: bounded %s", server_round, note)
         self.rejected[server_round] = reasons

@@ -82,15 +82,17 @@ def bound_examples(replies: Sequence[TrainReply], ratio: float) -> list[str]:
     return notes
 
 
-def bound_updates(replies: Sequence[TrainReply], ratio: float, max_norm: float) -> list[str]:
+def bound_updates(
+    replies: Sequence[TrainReply], norms: Sequence[float], ratio: float, max_norm: float
+) -> list[str]:
     """Scale each update whose norm exceeds the round's bound down to it; say whose.
 
-    The bound is ``ratio`` times the lower-median norm (if ``ratio > 0``), and at most
+    ``norms`` are the replies' update norms (:meth:`TrainReply.norm`, computed once by the
+    caller). The bound is ``ratio`` times the lower-median norm (if ``ratio > 0``), and at most
     ``max_norm`` (if ``max_norm > 0``).
     """
     if not replies or (ratio <= 0 and max_norm <= 0):
         return []
-    norms = [r.norm() for r in replies]
     bound = math.inf
     if ratio > 0:
         bound = ratio * lower_median(norms)
