@@ -21,15 +21,15 @@ import numpy as np
 
 from fedprune.codec.format import _KEY_ORDER, KEY_BLOB, KEY_META, Payload, _label
 
-_DTYPES: Final = (
-    np.dtype("<i8"),
-    np.dtype("u1"),  # code 1: LEB128 varints (``meta`` only); the entries are bytes
-    np.dtype("u1"),
-    np.dtype("i1"),
-    np.dtype("<f4"),
-    np.dtype("<f2"),
-)
-"""Stream dtypes by code; code 1 is varint bytes, only for ``meta``."""
+_DTYPES: Final[dict[int, np.dtype]] = {
+    0: np.dtype("<i8"),
+    2: np.dtype("u1"),
+    3: np.dtype("i1"),
+    4: np.dtype("<f4"),
+    5: np.dtype("<f2"),
+}
+"""Stream dtypes by code; code 1 (:data:`_VARINT`) is varint bytes, only for ``meta``."""
+_CODES: Final = {dtype: code for code, dtype in _DTYPES.items()}
 _VARINT: Final = 1
 _HEAD: Final = 6
 _VARINT_MAX_BYTES: Final = 9
@@ -79,7 +79,9 @@ def pack_blob(payload: Mapping[str, np.ndarray]) -> Payload:
             parts.append(varints)
             continue
         dtype = data.dtype.newbyteorder("<") if data.dtype.itemsize > 1 else data.dtype
-        code = _DTYPES.index(dtype, _VARINT + 1) if dtype == np.uint8 else _DTYPES.index(dtype)
+        code = _CODES.get(dtype)
+        if code is None:
+            raise ValueError(f"stream {key!r} of dtype {dtype} has no blob dtype code")
         parts.append(bytes([_KEY_ORDER.index(key), code]))
         parts.append(int(data.size).to_bytes(4, "little"))
         parts.append(data.astype(dtype, copy=False).tobytes())
@@ -120,9 +122,9 @@ def unpack_blob(payload: Mapping[str, object]) -> Payload:
             raise ValueError(f"{label}: stream key index {index} is unknown or out of order")
         last = index
         key = _KEY_ORDER[index]
-        if code >= len(_DTYPES) or (code == _VARINT and key != KEY_META):
+        if code not in _DTYPES and (code != _VARINT or key != KEY_META):
             raise ValueError(f"{label}: unknown dtype code {code} for stream {key!r}")
-        dtype = _DTYPES[code]
+        dtype = _DTYPES.get(code, np.dtype("u1"))  # varints: their bytes
         end = pos + count * dtype.itemsize
         if end > len(raw):
             raise ValueError(f"{label}: stream {key!r} of {count} entries runs past the blob")

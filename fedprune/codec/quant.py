@@ -282,7 +282,8 @@ def _dequantize(
     """
     # A SIMD int8 -> float32 conversion, then an in-place multiply, is about twice as fast as a
     # mixed-dtype ``np.multiply(codes, scales, dtype=np.float32)``; done a block of rows at a
-    # time, the multiply reads the converted block from cache (ResNet-18: 7.6 against 8.4 ms).
+    # time, the multiply reads the converted block from cache (12 M codes in rows of 4608: 7.6
+    # against 8.4 ms).
     if out is None:
         out = np.empty(codes.size, dtype=np.float32)
     rows = shape[0] if per_channel else 1

@@ -24,6 +24,12 @@ RAW_DTYPES: Final = frozenset(
 """The dtypes a raw array may declare (``Array.dtype``, numpy names)."""
 
 
+def check_raw_dtype(dtype: np.dtype) -> None:
+    """Raise ``ValueError`` unless arrays of ``dtype`` can travel raw (:data:`RAW_DTYPES`)."""
+    if dtype.name not in RAW_DTYPES:
+        raise ValueError(f"dtype {dtype} cannot travel as a raw array ({sorted(RAW_DTYPES)})")
+
+
 def raw_fields(arr: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
     """Return ``(dtype, shape, data)`` of ``arr`` as a raw ``Array`` holds them.
 
@@ -32,8 +38,7 @@ def raw_fields(arr: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
     ValueError
         If the dtype is not in :data:`RAW_DTYPES`.
     """
-    if arr.dtype.name not in RAW_DTYPES:
-        raise ValueError(f"dtype {arr.dtype} cannot travel as a raw array ({sorted(RAW_DTYPES)})")
+    check_raw_dtype(arr.dtype)
     little = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
     return arr.dtype.name, tuple(int(d) for d in arr.shape), little.tobytes()
 

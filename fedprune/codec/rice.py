@@ -314,20 +314,7 @@ def _rice_stream(label: str, stream: object) -> NDArray[np.uint8]:
 
 
 def rice_encode(bits: NDArray[np.bool_], counts: list[tuple[int, int]]) -> NDArray[np.uint8]:
-    """Golomb-code the concatenated segments of ``bits`` (:func:`rice_plan`, written).
-
-    Parameters
-    ----------
-    bits : np.ndarray
-        Flat bool array, the segments back to back (``sum(n_bits)`` entries).
-    counts : list of (int, int)
-        ``(n_ones, n_bits)`` per segment, matching ``bits``.
-
-    Returns
-    -------
-    np.ndarray
-        The uint8 stream.
-    """
+    """Return the uint8 stream of :func:`rice_plan` (same arguments), written."""
     return rice_plan(bits, counts).stream()
 
 
@@ -477,19 +464,9 @@ def rice_rows_max_bytes(segments: list[tuple[int, int, int]]) -> int:
 def rice_rows_encode(
     bits: NDArray[np.bool_], segments: list[tuple[int, int, int]]
 ) -> NDArray[np.uint8]:
-    """Golomb-code ``bits`` with one segment per row (:func:`rice_rows_plan`, written).
+    """Return the uint8 stream of :func:`rice_rows_plan` (same arguments), written.
 
-    Parameters
-    ----------
-    bits : np.ndarray
-        Flat bool array, the segments back to back.
-    segments : list of (int, int, int)
-        ``(n_ones, n_bits, rows)`` per segment (:func:`row_segments`).
-
-    Returns
-    -------
-    np.ndarray
-        The uint8 stream: the count section, byte-aligned, then the position section.
+    The count section, byte-aligned, then the position section.
     """
     return rice_rows_plan(bits, segments).stream()
 

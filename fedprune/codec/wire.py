@@ -17,13 +17,12 @@ from fedprune.codec.format import (
     FLWR_CHUNK_SIZE_ENV,
     FLWR_DEFAULT_CHUNK_SIZE,
 )
-from fedprune.codec.raw import RAW_DTYPES, STYPE_RAW
+from fedprune.codec.raw import STYPE_RAW, check_raw_dtype
 
 
 def _raw_data(arr: np.ndarray) -> np.ndarray:
     """Return the bytes a raw ``Array`` of ``arr`` carries (:mod:`fedprune.codec.raw`), flat."""
-    if arr.dtype.name not in RAW_DTYPES:
-        raise ValueError(f"dtype {arr.dtype} cannot travel as a raw array ({sorted(RAW_DTYPES)})")
+    check_raw_dtype(arr.dtype)
     return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).reshape(-1)
 
 
